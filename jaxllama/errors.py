@@ -1,0 +1,66 @@
+"""The library's own exception types.
+
+Every error that bad input can cause is one of these, so callers can catch
+`JaxLlamaError` and know the library (not a bug) refused the input. The adapter errors
+keep the names and messages of the published adapter design.
+"""
+
+from __future__ import annotations
+
+
+class JaxLlamaError(Exception):
+    """Base class of every error jaxllama raises on purpose."""
+
+
+class GGUFError(JaxLlamaError, ValueError):
+    """A GGUF file that cannot be read: missing, truncated, malformed or unsupported."""
+
+
+class UnsupportedTensorTypeError(GGUFError):
+    """A tensor stored in a block type jaxllama cannot dequantize."""
+
+
+class ConfigMismatchError(JaxLlamaError, ValueError):
+    """A file (or call) that disagrees with the model config it was checked against."""
+
+
+class HubError(JaxLlamaError):
+    """A packaged model that cannot be fetched or fails its checksum."""
+
+
+class TokenizerError(JaxLlamaError, ValueError):
+    """A tokenizer that cannot be built from the GGUF metadata, or text it cannot encode."""
+
+
+class AdapterError(JaxLlamaError):
+    """Base of the adapter errors of the published design."""
+
+
+class ModelNotLoaded(AdapterError):
+    def __init__(self, detail: str = ""):
+        super().__init__("Model not loaded" + (f": {detail}" if detail else ""))
+
+
+class InvalidModelType(AdapterError, ValueError):
+    def __init__(self, model_type: object, detail: str = ""):
+        self.model_type = model_type
+        name = getattr(model_type, "name", model_type)
+        super().__init__(f"Invalid model type: {name}" + (f" ({detail})" if detail else ""))
+
+
+class ForwardPassFailed(AdapterError):
+    def __init__(self, detail: str):
+        super().__init__(f"Forward pass failed: {detail}")
+
+
+class UnsupportedOperation(AdapterError):
+    def __init__(self, model_type: object, detail: str = ""):
+        self.model_type = model_type
+        name = getattr(model_type, "name", model_type)
+        super().__init__(
+            f"Unsupported operation for model type: {name}" + (f" ({detail})" if detail else "")
+        )
+
+
+class InvalidRequestError(AdapterError, ValueError):
+    """A call whose arguments are out of range or disagree with its config or state."""
