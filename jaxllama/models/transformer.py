@@ -1,0 +1,292 @@
+"""The one Llama-family decoder, as pure functions over a params pytree and a KV cache.
+
+RMSNorm -> attention (rotary, grouped-query, optional q/k/v bias) -> residual ->
+RMSNorm -> SwiGLU -> residual, repeated; final norm; output projection (tied or not).
+The families only set switches in `ModelConfig` and map their GGUF names onto `Params`.
+
+Einsum letters: B batch, T query length, S key/cache length, N query heads, K kv heads,
+G query heads per kv head, H head dim, D model dim, F ffn dim, V vocab.
+
+Layouts: projection weights are kept as GGUF/PyTorch store them, (out, in), so loading
+never transposes; `linear` contracts the `in` axis. The KV cache is (B, K, S, H) per
+layer, so one kv head's keys are contiguous for the decode kernel. Layers are a tuple,
+unrolled in Python: scanning over stacked layer weights copied each slice on GPU
+(../shared/GPU.md measured 2.4x at Phi-3 shape).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxllama.models.config import ROPE_INTERLEAVED, ModelConfig
+
+Array = jax.Array
+AttentionImpl = Literal["xla", "pallas", "pallas_interpret", "cudnn"]
+
+
+@struct.dataclass
+class LayerParams:
+    attn_norm: Array  # (D,)
+    wq: Array  # (N*H, D)
+    wk: Array  # (K*H, D)
+    wv: Array  # (K*H, D)
+    wo: Array  # (D, N*H)
+    ffn_norm: Array  # (D,)
+    w_gate: Array  # (F, D)
+    w_up: Array  # (F, D)
+    w_down: Array  # (D, F)
+    bq: Array | None = None  # (N*H,)
+    bk: Array | None = None  # (K*H,)
+    bv: Array | None = None  # (K*H,)
+
+
+@struct.dataclass
+class Params:
+    embed: Array  # (V, D)
+    layers: tuple[LayerParams, ...]
+    final_norm: Array  # (D,)
+    output: Array | None = None  # (V, D); None when tied to `embed`
+
+    @property
+    def output_weight(self) -> Array:
+        return self.embed if self.output is None else self.output
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys and values, (B, K, S, H) each, and the filled length of each row."""
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    lengths: Array  # (B,) int32
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+        zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+        return cls(
+            k=tuple(zeros() for _ in range(config.num_layers)),
+            v=tuple(zeros() for _ in range(config.num_layers)),
+            lengths=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+
+def linear(x: Array, w: Array, b: Array | None = None) -> Array:
+    """x (..., in) times w (out, in) -> (..., out), accumulated in float32."""
+    y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(config: ModelConfig, positions: Array, row_max_position: Array) -> tuple[Array, Array]:
+    """cos and sin, (B, T, H/2) float32, for absolute `positions` (B, T).
+
+    LongRoPE (Phi-3) picks the long factors for a row whose furthest position in this call
+    is beyond the original context, as transformers does per forward call.
+    """
+    base = config.inv_freq()
+    pos = positions.astype(jnp.float32)[..., None]
+    if config.rope_long_factors is None:
+        angles = pos * jnp.asarray(base, jnp.float32)
+        scale = 1.0
+    else:
+        short = jnp.asarray(base / np.asarray(config.rope_short_factors), jnp.float32)
+        long_ = jnp.asarray(base / np.asarray(config.rope_long_factors), jnp.float32)
+        use_long = (row_max_position + 1 > config.rope_original_context)[:, None, None]
+        angles = pos * jnp.where(use_long, long_, short)
+        scale = config.rope_attn_factor
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def apply_rope(x: Array, cos: Array, sin: Array, style: str) -> Array:
+    """Rotate x (B, T, heads, H) by the angles of cos/sin (B, T, H/2)."""
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    if style == ROPE_INTERLEAVED:
+        pairs = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(x.shape)
+    else:
+        x0, x1 = jnp.split(x, 2, axis=-1)
+        out = jnp.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
+    return out.astype(dtype)
+
+
+def _write_cache(cache: Array, new: Array, positions: Array) -> Array:
+    """Scatter new (B, K, T, H) into cache (B, K, S, H) at slots positions (B, T).
+
+    Slots past the end of the cache are dropped, never clamped onto valid entries.
+    """
+
+    def one_row(c, n, p):
+        return c.at[:, p].set(n.astype(c.dtype), mode="drop")
+
+    return jax.vmap(one_row)(cache, new, positions)
+
+
+def xla_attention(
+    q: Array, k: Array, v: Array, q_positions: Array, kv_lengths: Array, *, sm_scale: float,
+    sliding_window: int | None = None,
+) -> Array:
+    """Plain-XLA attention. q (B, T, N, H), k/v (B, K, S, H) -> (B, T, N, H).
+
+    Query t of row b sees slot s iff s <= q_positions[b, t] and s < kv_lengths[b]
+    (and, with a sliding window, s > q_positions[b, t] - window).
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[1]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    slots = jnp.arange(k.shape[2])[None, None, :]
+    qpos = q_positions[:, :, None]
+    mask = (slots <= qpos) & (slots < kv_lengths[:, None, None])
+    if sliding_window is not None:
+        mask &= slots > qpos - sliding_window
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(mask[:, None, None], probs, 0.0)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def _attention(
+    impl: str, q, k, v, cache_lengths, num_new, positions, config: ModelConfig, sm_scale: float
+):
+    kv_lengths = cache_lengths + num_new
+    if impl == "xla":
+        return xla_attention(q, k, v, positions, kv_lengths, sm_scale=sm_scale,
+                             sliding_window=config.sliding_window)
+    if config.sliding_window is not None and config.sliding_window < k.shape[2]:
+        from jaxllama.errors import UnsupportedOperation
+
+        raise UnsupportedOperation(
+            config.model_type,
+            f"attention_impl={impl!r} has no sliding window; use 'xla' for caches longer than "
+            f"the window ({config.sliding_window})",
+        )
+    if impl == "cudnn":
+        return _cudnn_attention(q, k, v, positions, kv_lengths, sm_scale)
+    interpret = impl == "pallas_interpret"
+    if impl not in ("pallas", "pallas_interpret"):
+        raise ValueError(f"attention_impl {impl!r} is not one of xla, pallas, pallas_interpret, cudnn")
+    if q.shape[1] == 1:
+        from jaxllama.pallas.decode_attention import decode_attention
+
+        return decode_attention(q[:, 0], k, v, kv_lengths, sm_scale=sm_scale, interpret=interpret)[:, None]
+    from jaxllama.pallas.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, cache_lengths, kv_lengths, sm_scale=sm_scale, interpret=interpret)
+
+
+def _cudnn_attention(q, k, v, positions, kv_lengths, sm_scale):
+    """jax.nn.dot_product_attention as a comparison point (GPU only)."""
+    b, t, n, h = q.shape
+    kk = jnp.swapaxes(k, 1, 2)  # (B, S, K, H)
+    vv = jnp.swapaxes(v, 1, 2)
+    slots = jnp.arange(k.shape[2])
+    mask = (slots[None, None, :] <= positions[:, :, None]) & (slots[None, None, :] < kv_lengths[:, None, None])
+    return jax.nn.dot_product_attention(
+        q, kk, vv, mask=mask[:, None], scale=sm_scale, implementation="cudnn"
+    )
+
+
+def forward(
+    params: Params,
+    tokens: Array,
+    cache: KVCache,
+    num_new: Array,
+    *,
+    config: ModelConfig,
+    attention_impl: str = "xla",
+    attend_len: int | None = None,
+    all_logits: bool = False,
+) -> tuple[Array, KVCache]:
+    """Run `tokens` (B, T) through the model, appending them to `cache`.
+
+    Row b's first num_new[b] tokens are real; the rest are padding whose keys land past
+    the row's new length (masked, then overwritten). `attend_len` (static) bounds the
+    cache slots attention reads; the caller guarantees lengths + num_new <= attend_len.
+    Returns float32 logits, (B, V) at each row's last real token, or (B, T, V) with
+    `all_logits`, and the cache with lengths advanced by num_new.
+    """
+    b, t = tokens.shape
+    dtype = params.embed.dtype
+    num_new = num_new.astype(jnp.int32)
+    start = cache.lengths
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    cos, sin = rope_tables(config, positions, start + num_new - 1)
+    sm_scale = 1.0 / float(np.sqrt(config.head_dim))
+    s_read = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
+
+    x = jnp.take(params.embed, tokens, axis=0).astype(dtype)
+    new_k, new_v = [], []
+    for i, layer in enumerate(params.layers):
+        h = rms_norm(x, layer.attn_norm, config.rms_eps)
+        q = linear(h, layer.wq, layer.bq).reshape(b, t, config.num_heads, config.head_dim)
+        k = linear(h, layer.wk, layer.bk).reshape(b, t, config.num_kv_heads, config.head_dim)
+        v = linear(h, layer.wv, layer.bv).reshape(b, t, config.num_kv_heads, config.head_dim)
+        q = apply_rope(q, cos, sin, config.rope_style)
+        k = apply_rope(k, cos, sin, config.rope_style)
+        k_cache = _write_cache(cache.k[i], jnp.swapaxes(k, 1, 2), positions)
+        v_cache = _write_cache(cache.v[i], jnp.swapaxes(v, 1, 2), positions)
+        new_k.append(k_cache)
+        new_v.append(v_cache)
+        attn = _attention(
+            attention_impl, q, k_cache[:, :, :s_read], v_cache[:, :, :s_read], start, num_new,
+            positions, config, sm_scale,
+        )
+        x = x + linear(attn.reshape(b, t, config.q_dim), layer.wo)
+        h = rms_norm(x, layer.ffn_norm, config.rms_eps)
+        gate = linear(h, layer.w_gate)
+        up = linear(h, layer.w_up)
+        x = x + linear(jax.nn.silu(gate) * up, layer.w_down)
+
+    if not all_logits:
+        last = jnp.clip(num_new - 1, 0, t - 1)
+        x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    x = rms_norm(x, params.final_norm, config.rms_eps)
+    logits = jnp.einsum("...d,vd->...v", x, params.output_weight, preferred_element_type=jnp.float32)
+    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=start + num_new)
+    return logits, new_cache
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "attention_impl", "attend_len", "all_logits"),
+    donate_argnames=("cache",),
+)
+def prefill(params, tokens, cache, num_new, *, config, attention_impl="xla", attend_len=None,
+            all_logits=False):
+    """Jitted `forward` over a padded prompt chunk; the cache is donated."""
+    return forward(params, tokens, cache, num_new, config=config, attention_impl=attention_impl,
+                   attend_len=attend_len, all_logits=all_logits)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention_impl"), donate_argnames=("cache",))
+def decode_step(params, token, cache, active=None, *, config, attention_impl="xla"):
+    """One token per row, token (B,) -> logits (B, V). Rows with active False do not advance."""
+    num_new = jnp.ones_like(token, jnp.int32) if active is None else active.astype(jnp.int32)
+    return forward(params, token[:, None], cache, num_new, config=config,
+                   attention_impl=attention_impl)
