@@ -9,6 +9,7 @@ as it is instead of undoing the permutation. Llama 3.1+ frequency scaling comes 
 from __future__ import annotations
 
 from jaxllama.models.config import ROPE_INTERLEAVED, ModelConfig, ModelType, llama3_freq_factors
+from jaxllama.models.transformer import decode_step, forward, prefill  # noqa: F401  (this family's model functions)
 from jaxllama.models.weights import FamilyLoader
 
 MODEL_TYPE = ModelType.Llama3

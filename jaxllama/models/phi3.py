@@ -5,6 +5,7 @@ rotary; head_dim 96; LongRoPE short/long factors for the 128k variants.
 from __future__ import annotations
 
 from jaxllama.models.config import ROPE_HALF, ModelConfig, ModelType
+from jaxllama.models.transformer import decode_step, forward, prefill  # noqa: F401  (this family's model functions)
 from jaxllama.models.weights import FamilyLoader
 
 MODEL_TYPE = ModelType.Phi3

@@ -6,6 +6,7 @@ Everything else is the shared Llama-family block; GGUF names follow llama.cpp's.
 from __future__ import annotations
 
 from jaxllama.models.config import ROPE_HALF, ModelConfig, ModelType
+from jaxllama.models.transformer import decode_step, forward, prefill  # noqa: F401  (this family's model functions)
 from jaxllama.models.weights import FamilyLoader
 
 MODEL_TYPE = ModelType.Qwen2_5

@@ -1,0 +1,498 @@
+"""`LlamaInferenceAdapter`: the one API over every family, after the published design.
+
+The adapter is a frozen dataclass holding a loaded model; it picks the model's functions
+from `MODEL_FUNCTIONS`, a table keyed by `ModelType`, so calling code never asks which
+family it drives. Being immutable, decoding state is explicit: `prefill` returns the
+prompt plus the first sampled token and a `DecodeState` (KV cache, step, PRNG key) that
+`decode` takes and returns. One adapter may be shared between threads: every call works
+on its own cache.
+
+Shapes are bucketed so that varied requests reuse compilations: prompts are padded to a
+power of two (at least 16), caches to a power of two (capped at the context length), and
+the on-device output buffer of `generate` to a power of two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import os
+import threading
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxllama import generation, hub
+from jaxllama.errors import (
+    AdapterError,
+    ForwardPassFailed,
+    InvalidModelType,
+    InvalidRequestError,
+    ModelNotLoaded,
+    UnsupportedOperation,
+)
+from jaxllama.models import llama, phi3, qwen
+from jaxllama.models.config import ModelConfig, ModelType
+from jaxllama.models.transformer import KVCache
+from jaxllama.models.weights import LoadedModel, load_gguf
+from jaxllama.sampling import SamplingParams, spec_for
+
+__all__ = [
+    "AdapterError", "AdapterForwardConfig", "DecodeState", "ForwardPassFailed", "InvalidModelType",
+    "LlamaInferenceAdapter", "ModelNotLoaded", "ModelRegistry", "ModelType", "UnsupportedOperation",
+]
+
+MIN_PROMPT_BUCKET = 16
+DECODE_ROOM = 256  # cache slots `prefill` leaves for decoding before the cache grows
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFunctions:
+    forward: Callable  # transformer.forward signature
+
+
+# The table the adapter dispatches on. Every family runs the one transformer today; a
+# family with its own block would register its own forward here.
+MODEL_FUNCTIONS: dict[ModelType, ModelFunctions] = {
+    ModelType.Qwen2_5: ModelFunctions(forward=qwen.forward),
+    ModelType.Phi3: ModelFunctions(forward=phi3.forward),
+    ModelType.Llama3: ModelFunctions(forward=llama.forward),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterForwardConfig:
+    """Per-call settings, with the design's fields plus the usual sampling filters.
+
+    `seq_len`, `cache_len` and `batch_size` are checked against the call when given
+    (`seq_len`: the longest prompt; `cache_len`: the tokens already in the state's
+    cache, for `decode`). `temperature == 0` is greedy; `seed` makes sampling repeatable.
+    `top_k = 0`, `top_p = 1`, `min_p = 0` and `repetition_penalty = 1` are off.
+    """
+
+    is_prefill: bool = True
+    batch_size: int = 1
+    seq_len: int | None = None
+    cache_len: int | None = None
+    temperature: float = 0.0
+    seed: int = 0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def validate(self) -> None:
+        def bad(field, value, expected):
+            raise InvalidRequestError(f"AdapterForwardConfig.{field} is {value!r}, expected {expected}")
+
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            bad("batch_size", self.batch_size, "an integer >= 1")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            bad("temperature", self.temperature, "a finite number >= 0 (0 is greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", self.top_k, "an integer >= 0 (0 is off)")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            bad("top_p", self.top_p, "a number in (0, 1] (1 is off)")
+        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p < 1):
+            bad("min_p", self.min_p, "a number in [0, 1) (0 is off)")
+        if not (isinstance(self.repetition_penalty, (int, float))
+                and math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            bad("repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 is off)")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            bad("seed", self.seed, "an integer in [0, 2**32)")
+
+    def for_decode(self, state: "DecodeState") -> "AdapterForwardConfig":
+        """The config for the next `decode` on `state` (is_prefill False, cache_len set)."""
+        return dataclasses.replace(self, is_prefill=False, seq_len=1, cache_len=state.cache_len)
+
+    def sampler(self):
+        spec = spec_for(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        params = SamplingParams.create(
+            temperature=self.temperature if self.temperature > 0 else 1.0, top_k=self.top_k,
+            top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+        )
+        return spec, params
+
+
+@struct.dataclass
+class DecodeState:
+    """What `decode` needs to continue: the KV cache, the step count and the PRNG key."""
+
+    cache: KVCache
+    key: jax.Array
+    step: jax.Array  # () int32: tokens sampled so far (prefill's counts as step 0)
+    seen: jax.Array | None  # (B, V) bool, only with a repetition penalty
+    owner: int = struct.field(pytree_node=False)
+
+    @property
+    def cache_len(self) -> int:
+        """Tokens in the cache (the longest row's, for a batch)."""
+        return int(np.max(np.asarray(self.cache.lengths)))
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache.batch_size
+
+
+def _bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+_uids = itertools.count(1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LlamaInferenceAdapter:
+    """Unified inference over Qwen2.5, Phi-3 and Llama-family models (see module doc)."""
+
+    model: LoadedModel | None
+    attention_impl: str | None = None  # None: "pallas" on GPU, "xla" elsewhere
+    uid: int = dataclasses.field(default_factory=lambda: next(_uids))
+
+    # ----- construction (the design's new_qwen / new_phi3 / Into<LlamaInferenceAdapter>)
+    @classmethod
+    def from_model(cls, model: LoadedModel, **kwargs) -> "LlamaInferenceAdapter":
+        if model.model_type not in MODEL_FUNCTIONS:
+            raise InvalidModelType(model.model_type, "no model functions are registered for it")
+        return cls(model=model, **kwargs)
+
+    @classmethod
+    def _new_family(cls, model: LoadedModel, expected: ModelType, **kwargs):
+        if model.model_type != expected:
+            raise InvalidModelType(model.model_type, f"expected a {expected.name} model")
+        return cls.from_model(model, **kwargs)
+
+    @classmethod
+    def new_qwen(cls, model: LoadedModel, **kwargs) -> "LlamaInferenceAdapter":
+        return cls._new_family(model, ModelType.Qwen2_5, **kwargs)
+
+    @classmethod
+    def new_phi3(cls, model: LoadedModel, **kwargs) -> "LlamaInferenceAdapter":
+        return cls._new_family(model, ModelType.Phi3, **kwargs)
+
+    @classmethod
+    def new_llama3(cls, model: LoadedModel, **kwargs) -> "LlamaInferenceAdapter":
+        return cls._new_family(model, ModelType.Llama3, **kwargs)
+
+    @classmethod
+    def from_gguf(cls, path_or_name: str | os.PathLike, *, config: ModelConfig | None = None,
+                  dtype: Any = None, progress: bool = True, **kwargs) -> "LlamaInferenceAdapter":
+        """Load a GGUF path or a packaged model name (see `jaxllama.hub`), any family."""
+        path = hub.resolve(path_or_name)
+        return cls.from_model(load_gguf(path, config, dtype=dtype, progress=progress), **kwargs)
+
+    # ----- model information
+    def is_loaded(self) -> bool:
+        return self.model is not None and not self.model.params.embed.is_deleted()
+
+    def _loaded(self) -> LoadedModel:
+        if not self.is_loaded():
+            raise ModelNotLoaded("this adapter's model was unloaded" if self.model else "")
+        return self.model
+
+    @property
+    def config(self) -> ModelConfig:
+        return self._loaded().config
+
+    def model_type(self) -> ModelType:
+        return self._loaded().model_type
+
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def hidden_dim(self) -> int:
+        return self.config.hidden_dim
+
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def vram_usage(self) -> int:
+        """Bytes the model's arrays hold on the device (0 once unloaded)."""
+        return self.model.nbytes() if self.is_loaded() else 0
+
+    def eos_ids(self) -> tuple[int, ...]:
+        return self.tokenizer.eos_ids
+
+    def info(self) -> str:
+        """The design's model-information block."""
+        return (
+            f"Model type: {self.model_type().name}\nVocab size: {self.vocab_size()}\n"
+            f"Hidden dim: {self.hidden_dim()}\nLayers: {self.num_layers()}\n"
+            f"VRAM: {self.vram_usage() / 2**20:.1f} MB"
+        )
+
+    @functools.cached_property
+    def tokenizer(self):
+        from jaxllama.tokenizer import Tokenizer
+
+        return Tokenizer.from_metadata(self._loaded().metadata)
+
+    def _impl(self) -> str:
+        if self.attention_impl is not None:
+            return self.attention_impl
+        return "xla" if jax.default_backend() == "cpu" else "pallas"
+
+    def _fn(self) -> Callable:
+        return MODEL_FUNCTIONS[self.model_type()].forward
+
+    # ----- input checking
+    def _as_batch(self, input_ids, what: str) -> tuple[list[list[int]], bool]:
+        """Normalize ids to a list of rows; returns (rows, was_batched)."""
+        if isinstance(input_ids, (np.ndarray, jax.Array)):
+            input_ids = np.asarray(input_ids).tolist()
+        if isinstance(input_ids, (int, np.integer)):
+            rows, batched = [[int(input_ids)]], False
+        elif isinstance(input_ids, Sequence) and input_ids and all(
+            isinstance(r, Sequence) and not isinstance(r, str) for r in input_ids
+        ):
+            rows, batched = [list(r) for r in input_ids], True
+        elif isinstance(input_ids, Sequence) and not isinstance(input_ids, str):
+            rows, batched = [list(input_ids)], False
+        else:
+            raise InvalidRequestError(f"{what} must be a list of token ids, got {type(input_ids).__name__}")
+        vocab = self.vocab_size()
+        for i, row in enumerate(rows):
+            if not row:
+                raise InvalidRequestError(f"{what}: row {i} is empty; at least one token is needed")
+            for tok in row:
+                if isinstance(tok, bool) or not isinstance(tok, (int, np.integer)):
+                    raise InvalidRequestError(f"{what}: {tok!r} is not a token id (an int)")
+                if not 0 <= tok < vocab:
+                    raise InvalidRequestError(
+                        f"{what}: token id {tok} is out of range; expected 0 <= id < vocab size {vocab}"
+                    )
+        return [[int(t) for t in r] for r in rows], batched
+
+    def _check_config(self, config: AdapterForwardConfig | None, rows, *, prefill: bool,
+                      state: DecodeState | None = None) -> AdapterForwardConfig:
+        config = config or AdapterForwardConfig(batch_size=len(rows))
+        if not isinstance(config, AdapterForwardConfig):
+            raise InvalidRequestError(f"config must be an AdapterForwardConfig, got {type(config).__name__}")
+        config.validate()
+        if config.batch_size != len(rows):
+            raise InvalidRequestError(
+                f"AdapterForwardConfig.batch_size is {config.batch_size} but the input has "
+                f"{len(rows)} row(s)"
+            )
+        if prefill:
+            longest = max(len(r) for r in rows)
+            if config.seq_len is not None and config.seq_len != longest:
+                raise InvalidRequestError(
+                    f"AdapterForwardConfig.seq_len is {config.seq_len} but the prompt has {longest} tokens"
+                )
+            if config.cache_len not in (None, 0):
+                raise InvalidRequestError(
+                    f"AdapterForwardConfig.cache_len is {config.cache_len} but prefill starts "
+                    "from an empty cache (0)"
+                )
+        else:
+            if config.is_prefill:
+                raise InvalidRequestError(
+                    "AdapterForwardConfig.is_prefill is True but decode was called; use "
+                    "config.for_decode(state)"
+                )
+            if config.seq_len not in (None, 1):
+                raise InvalidRequestError(
+                    f"AdapterForwardConfig.seq_len is {config.seq_len} but decode feeds 1 token per row"
+                )
+            if config.cache_len is not None and config.cache_len != state.cache_len:
+                raise InvalidRequestError(
+                    f"AdapterForwardConfig.cache_len is {config.cache_len} but the state's cache "
+                    f"holds {state.cache_len} tokens"
+                )
+        return config
+
+    def _check_room(self, longest_prompt: int, max_tokens: int) -> None:
+        ctx = self.config.context_length
+        if longest_prompt + max_tokens > ctx:
+            raise InvalidRequestError(
+                f"prompt ({longest_prompt} tokens) + max_tokens ({max_tokens}) = "
+                f"{longest_prompt + max_tokens} exceeds the model's context length {ctx}"
+            )
+
+    def _run(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AdapterError:
+            raise
+        except (jax.errors.JaxRuntimeError, RuntimeError, MemoryError) as exc:
+            if not self.is_loaded():
+                raise ModelNotLoaded("this adapter's model was unloaded") from exc
+            raise ForwardPassFailed(f"{type(exc).__name__}: {exc}") from exc
+
+    # ----- the design's prefill / decode / generate
+    def _prefill(self, rows, config: AdapterForwardConfig, cache_size: int):
+        model = self._loaded()
+        b = len(rows)
+        lengths = [len(r) for r in rows]
+        t = min(_bucket(max(lengths)), cache_size)
+        tokens = np.zeros((b, t), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = r
+        spec, sampling = config.sampler()
+        cache = KVCache.create(model.config, b, cache_size, model.dtype)
+        seen = jnp.zeros((b, model.config.vocab_size), bool) if spec.repetition_penalty else None
+        key = jax.random.PRNGKey(config.seed)
+        token, logits, cache, seen = self._run(
+            generation.prefill_sample, model.params, jnp.asarray(tokens), cache,
+            jnp.asarray(lengths, jnp.int32), key, sampling, seen, model_fn=self._fn(),
+            config=model.config, spec=spec, attention_impl=self._impl(), attend_len=t,
+        )
+        return token, cache, key, seen
+
+    def prefill(self, input_ids, config: AdapterForwardConfig | None = None):
+        """Run the prompt; return (prompt + first sampled token, DecodeState).
+
+        For a batch (a list of lists) the ids are a list of rows.
+        """
+        rows, batched = self._as_batch(input_ids, "input_ids")
+        config = self._check_config(config, rows, prefill=True)
+        longest = max(len(r) for r in rows)
+        self._check_room(longest, 1)
+        cache_size = min(_bucket(longest + DECODE_ROOM), self.config.context_length)
+        token, cache, key, seen = self._prefill(rows, config, cache_size)
+        state = DecodeState(cache=cache, key=key, step=jnp.int32(1), seen=seen, owner=self.uid)
+        first = np.asarray(token).tolist()
+        out = [r + [first[i]] for i, r in enumerate(rows)]
+        return (out if batched else out[0]), state
+
+    def decode(self, input_id, state: DecodeState, config: AdapterForwardConfig | None = None):
+        """Feed one token per row; return (next token(s), new state). The old state is consumed."""
+        rows, batched = self._as_batch(input_id, "input_id")
+        if any(len(r) != 1 for r in rows):
+            raise InvalidRequestError("decode takes exactly one token per row")
+        if not isinstance(state, DecodeState):
+            raise InvalidRequestError(f"state must be a DecodeState from prefill, got {type(state).__name__}")
+        if state.owner != self.uid:
+            raise InvalidRequestError("this DecodeState was made by another adapter; decode it with that adapter")
+        self._loaded()
+        if config is None:
+            config = AdapterForwardConfig(is_prefill=False, batch_size=len(rows))
+        config = self._check_config(config, rows, prefill=False, state=state)
+        if state.batch_size != len(rows):
+            raise InvalidRequestError(
+                f"input_id has {len(rows)} row(s) but the state holds {state.batch_size}"
+            )
+        if state.cache_len + 1 > self.config.context_length:
+            raise InvalidRequestError(
+                f"the cache holds {state.cache_len} tokens; one more exceeds the model's context "
+                f"length {self.config.context_length}"
+            )
+        state = self._grow_if_full(state)
+        model = self._loaded()
+        spec, sampling = config.sampler()
+        seen = state.seen
+        if spec.repetition_penalty and seen is None:
+            raise InvalidRequestError(
+                "repetition_penalty must be set already at prefill (the state holds no token history)"
+            )
+        if not spec.repetition_penalty:
+            seen = None
+        token = jnp.asarray([r[0] for r in rows], jnp.int32)
+        active = jnp.ones((len(rows),), bool)
+        nxt, _, cache, seen = self._run(
+            generation.decode_sample, model.params, token, state.cache, active, state.key, state.step,
+            sampling, seen, model_fn=self._fn(), config=model.config, spec=spec,
+            attention_impl=self._impl(),
+        )
+        new_state = state.replace(cache=cache, step=state.step + 1, seen=seen if seen is not None else state.seen)
+        out = np.asarray(nxt).tolist()
+        return (out if batched else out[0]), new_state
+
+    def _grow_if_full(self, state: DecodeState) -> DecodeState:
+        size = state.cache.max_len
+        if state.cache_len < size:
+            return state
+        new_size = min(size * 2, self.config.context_length)
+        pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, new_size - size), (0, 0)))  # noqa: E731
+        cache = state.cache
+        grown = KVCache(k=tuple(map(pad, cache.k)), v=tuple(map(pad, cache.v)), lengths=cache.lengths)
+        return state.replace(cache=grown)
+
+    def generate(self, input_ids, max_tokens: int, config: AdapterForwardConfig | None = None):
+        """Prompt + up to `max_tokens` generated ids, stopping after the model's EOS.
+
+        The decode loop runs on the device. A batch (list of lists) gives a list of rows,
+        each with its own length and stop.
+        """
+        rows, batched = self._as_batch(input_ids, "input_ids")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens is {max_tokens!r}, expected an integer >= 1")
+        config = self._check_config(config, rows, prefill=True)
+        generated = self._generate_rows(rows, max_tokens, config)
+        out = [r + g for r, g in zip(rows, generated)]
+        return out if batched else out[0]
+
+    def _generate_rows(self, rows, max_tokens, config) -> list[list[int]]:
+        longest = max(len(r) for r in rows)
+        self._check_room(longest, max_tokens)
+        model = self._loaded()
+        cache_size = min(_bucket(longest + max_tokens), self.config.context_length)
+        token, cache, key, seen = self._prefill(rows, config, cache_size)
+        spec, sampling = config.sampler()
+        eos = jnp.asarray(self.eos_ids() or (-1,), jnp.int32)
+        out, counts = self._run(
+            generation.generate_loop, model.params, token, cache, key, sampling, seen,
+            jnp.full((len(rows),), max_tokens, jnp.int32), eos, model_fn=self._fn(),
+            config=model.config, spec=spec, attention_impl=self._impl(),
+            out_len=_bucket(max_tokens, 1),
+        )
+        out, counts = np.asarray(out), np.asarray(counts)
+        return [out[i, : counts[i]].tolist() for i in range(len(rows))]
+
+    # ----- lifecycle
+    def unload(self) -> "LlamaInferenceAdapter":
+        """Free the model's device memory; this adapter and the returned one then raise
+        ModelNotLoaded, and report 0 bytes."""
+        if self.model is not None:
+            for leaf in jax.tree_util.tree_leaves(self.model.params):
+                if not leaf.is_deleted():
+                    leaf.delete()
+        return dataclasses.replace(self, model=None)
+
+
+class ModelRegistry:
+    """Several named adapters loaded at once (thread-safe)."""
+
+    def __init__(self):
+        self._adapters: dict[str, LlamaInferenceAdapter] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, adapter: LlamaInferenceAdapter) -> None:
+        if not isinstance(adapter, LlamaInferenceAdapter):
+            raise InvalidRequestError(f"register takes a LlamaInferenceAdapter, got {type(adapter).__name__}")
+        with self._lock:
+            self._adapters[name] = adapter
+
+    def get(self, name: str) -> LlamaInferenceAdapter | None:
+        with self._lock:
+            return self._adapters.get(name)
+
+    def __getitem__(self, name: str) -> LlamaInferenceAdapter:
+        adapter = self.get(name)
+        if adapter is None:
+            raise InvalidRequestError(
+                f"no model named {name!r} is registered; registered: {', '.join(self.list_models()) or 'none'}"
+            )
+        return adapter
+
+    def list_models(self) -> list[str]:
+        with self._lock:
+            return sorted(self._adapters)
+
+    def unregister(self, name: str) -> LlamaInferenceAdapter | None:
+        with self._lock:
+            return self._adapters.pop(name, None)
+
+    def unload(self, name: str) -> None:
+        """Unregister `name` and free its device memory."""
+        adapter = self.unregister(name)
+        if adapter is None:
+            raise InvalidRequestError(f"no model named {name!r} is registered")
+        adapter.unload()
