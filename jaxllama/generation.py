@@ -68,7 +68,8 @@ def generate_loop(params, first_token, cache, key, sampling, seen, max_new, eos_
 
     first_token (B,) is the token prefill sampled (step 0); it counts as the first
     generated token. Returns tokens (B, out_len) (entries past a row's count are
-    undefined) and counts (B,) int32, EOS included when it came.
+    undefined), counts (B,) int32 (EOS included when it came) and the final cache (returned
+    so the donated input buffer is reused in place rather than copied into the loop).
     """
     b = first_token.shape[0]
     is_eos = lambda t: jnp.any(t[:, None] == eos_ids[None, :], axis=-1)  # noqa: E731
@@ -94,5 +95,5 @@ def generate_loop(params, first_token, cache, key, sampling, seen, max_new, eos_
         return step + 1, token, cache, seen, out, done, counts
 
     carry = (jnp.int32(1), first_token, cache, seen, out, done, counts)
-    _, _, _, _, out, _, counts = jax.lax.while_loop(cond, body, carry)
-    return out, counts
+    _, _, cache, _, out, _, counts = jax.lax.while_loop(cond, body, carry)
+    return out, counts, cache

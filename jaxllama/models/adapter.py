@@ -437,7 +437,7 @@ class LlamaInferenceAdapter:
         token, cache, key, seen = self._prefill(rows, config, cache_size)
         spec, sampling = config.sampler()
         eos = jnp.asarray(self.eos_ids() or (-1,), jnp.int32)
-        out, counts = self._run(
+        out, counts, _ = self._run(
             generation.generate_loop, model.params, token, cache, key, sampling, seen,
             jnp.full((len(rows),), max_tokens, jnp.int32), eos, model_fn=self._fn(),
             config=model.config, spec=spec, attention_impl=self._impl(),
