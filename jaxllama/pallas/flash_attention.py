@@ -187,7 +187,7 @@ def _flash_kernel(
             k_pos = start + lax.iota(jnp.int32, block_k)
             # Slots past S only occur in the last block; they are >= kv_len, so
             # clamping them onto S - 1 keeps the load in bounds and they stay masked.
-            k_idx = jnp.minimum(k_pos, seq_k - 2)
+            k_idx = jnp.minimum(k_pos, seq_k - 1)
             ks = [k_ref[k_idx, pl.ds(c0, cw)] for c0, cw in chunks]
             vs = [v_ref[k_idx, pl.ds(c0, cw)] for c0, cw in chunks]
         else:
