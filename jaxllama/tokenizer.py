@@ -72,8 +72,8 @@ _QWEN2 = BPEPreTokenizer((_QWEN2_SPLIT,))
 _DIGITS_THEN_GPT2 = BPEPreTokenizer((_SINGLE_DIGITS, _GPT2_SPLIT))
 
 BPE_PRE_TOKENIZERS: dict[str, BPEPreTokenizer] = {
-    # No `tokenizer.ggml.pre`, or "default": plain GPT-2 splitting, which is what the HF tokenizer of
-    # such a vocabulary does (llama.cpp uses a home-made "default" regex here instead).
+    # No `tokenizer.ggml.pre`, or "default": plain GPT-2 splitting, which is what the HF tokenizer
+    # of such a vocabulary does (llama.cpp uses a home-made "default" regex here instead).
     "default": _GPT2,
     "gpt-2": _GPT2,
     "phi-2": _GPT2,
@@ -167,7 +167,7 @@ class Tokenizer:
         """
         model = metadata.get("tokenizer.ggml.model")
         if model not in SUPPORTED_MODELS:
-            found = "no tokenizer.ggml.model key" if model is None else f"tokenizer.ggml.model {model!r}"
+            found = f"tokenizer.ggml.model {model!r}" if model else "no tokenizer.ggml.model key"
             raise TokenizerError(
                 f"cannot build a tokenizer from {found}; supported: {', '.join(SUPPORTED_MODELS)}"
             )
@@ -256,9 +256,11 @@ class Tokenizer:
     # -- text <-> ids -------------------------------------------------------------------------
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        """The token ids of `text`; special-token texts in it (e.g. `<|im_start|>`) become their ids.
+        """The ids of `text`; special-token texts in it (e.g. `<|im_start|>`) become their ids.
 
-        With `add_special_tokens`, BOS is put first if `add_bos` and EOS last if `add_eos`.
+        With `add_special_tokens`, BOS is put first if `add_bos` and EOS last if `add_eos`. Text
+        from a chat template that writes `bos_token` itself wants `add_special_tokens=False`, or
+        it starts with two BOS (llama.cpp warns about that; transformers does the same).
         """
         if not isinstance(text, str):
             raise TokenizerError(f"encode takes a str, got {type(text).__name__}")
@@ -309,16 +311,17 @@ class Tokenizer:
     ) -> str:
         """Render `tokenizer.chat_template` for `messages` as transformers does.
 
-        The template sees `messages`, `add_generation_prompt`, `bos_token`, `eos_token`,
-        `unk_token`, `pad_token` (those the file names) and any `template_vars` (e.g. `tools`).
-        Raises TokenizerError if the file has no template, or the template rejects the messages
-        (its `raise_exception`) or does not parse.
+        The template sees `messages`, `add_generation_prompt`, `tools` and `documents` (None
+        unless given), `bos_token`, `eos_token`, `unk_token`, `pad_token` (those the file names)
+        and any other `template_vars`. Raises TokenizerError if the file has no template, or the
+        template rejects the messages (its `raise_exception`) or does not parse.
         """
         if not self.chat_template:
             raise TokenizerError("this GGUF has no tokenizer.chat_template to render")
         names = {"bos_token": self.bos_id, "eos_token": self.eos_id}
         names |= {"unk_token": self.unk_id, "pad_token": self.pad_id}
-        variables = {name: self._tokens[i] for name, i in names.items() if i is not None}
+        variables = {"tools": None, "documents": None}
+        variables |= {name: self._tokens[i] for name, i in names.items() if i is not None}
         try:
             template = _compile_template(self.chat_template)
             return template.render(
@@ -367,8 +370,10 @@ class StreamDecoder:
 
     def flush(self) -> str:
         seen, text = self._pending()
-        self._context = self._emitted = len(self._ids)
-        return text[len(seen) :] if text.startswith(seen) else text
+        new = text[len(seen) :] if text.startswith(seen) else text
+        if new:  # pushing may go on after a flush; the context then stays as after a push
+            self._context, self._emitted = self._emitted, len(self._ids)
+        return new
 
 
 # -- building the backend ---------------------------------------------------------------------
@@ -385,7 +390,9 @@ def _optional_id(metadata: Mapping[str, Any], key: str, vocab_size: int) -> int 
         return None
     token_id = int(metadata[key])
     if not 0 <= token_id < vocab_size:
-        raise TokenizerError(f"{key} = {token_id} is outside the vocabulary (vocab_size {vocab_size})")
+        raise TokenizerError(
+            f"{key} = {token_id} is outside the vocabulary (vocab_size {vocab_size})"
+        )
     return token_id
 
 
@@ -409,7 +416,7 @@ def _unique_texts(tokens: list[str]) -> list[str]:
 
 
 def _byte_level_bpe(tokens: list[str], merges: Sequence[str], pre: BPEPreTokenizer) -> _Backend:
-    """GPT-2 style BPE: the vocabulary spells bytes with printable stand-in characters ("Ġ" = space)."""
+    """GPT-2 style BPE: the vocabulary spells bytes with printable stand-ins ("Ġ" is a space)."""
     vocab = {text: token_id for token_id, text in enumerate(tokens)}
     pairs = []
     for merge in merges:
@@ -501,7 +508,7 @@ def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent=None, separators=None, sort_keys=False) -> str:
+def _tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     # Jinja's own `tojson` escapes HTML characters; chat templates expect plain JSON.
     return json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
