@@ -21,3 +21,48 @@ def smollm2_path():
 @pytest.fixture(scope="session")
 def qwen_path():
     return hub.pull("qwen2.5-coder-0.5b-instruct")
+
+
+REAL_MODELS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")
+
+
+class _Lazy:
+    """Session cache of expensive objects (real models and their transformers references)."""
+
+    def __init__(self):
+        self._items = {}
+
+    def get(self, key, make):
+        if key not in self._items:
+            self._items[key] = make()
+        return self._items[key]
+
+
+_LAZY = _Lazy()
+
+
+def hf_reference(name):
+    """transformers' float32 model and tokenizer for a packaged GGUF model (cached)."""
+
+    def make():
+        import torch
+        import transformers
+
+        path = hub.pull(name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return model, tok
+
+    return _LAZY.get(("hf", name), make)
+
+
+def jax_adapter(name, dtype="float32"):
+    """A jaxllama adapter for a packaged model (cached per dtype)."""
+
+    def make():
+        from jaxllama.models import LlamaInferenceAdapter
+
+        return LlamaInferenceAdapter.from_gguf(name, dtype=dtype, progress=False)
+
+    return _LAZY.get(("jax", name, dtype), make)

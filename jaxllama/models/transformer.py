@@ -240,10 +240,12 @@ def forward(
     sm_scale = 1.0 / float(np.sqrt(config.head_dim))
     s_read = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
 
-    x = jnp.take(params.embed, tokens, axis=0).astype(dtype)
+    # The residual stream stays in float32 whatever the weights' dtype; each block's input
+    # is cast to the weights' dtype after its norm (bf16 drifts far less this way).
+    x = jnp.take(params.embed, tokens, axis=0).astype(jnp.float32)
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
-        h = rms_norm(x, layer.attn_norm, config.rms_eps)
+        h = rms_norm(x, layer.attn_norm, config.rms_eps).astype(dtype)
         q = linear(h, layer.wq, layer.bq).reshape(b, t, config.num_heads, config.head_dim)
         k = linear(h, layer.wk, layer.bk).reshape(b, t, config.num_kv_heads, config.head_dim)
         v = linear(h, layer.wv, layer.bv).reshape(b, t, config.num_kv_heads, config.head_dim)
@@ -257,16 +259,16 @@ def forward(
             attention_impl, q, k_cache[:, :, :s_read], v_cache[:, :, :s_read], start, num_new,
             positions, config, sm_scale,
         )
-        x = x + linear(attn.reshape(b, t, config.q_dim), layer.wo)
-        h = rms_norm(x, layer.ffn_norm, config.rms_eps)
+        x = x + linear(attn.reshape(b, t, config.q_dim), layer.wo).astype(jnp.float32)
+        h = rms_norm(x, layer.ffn_norm, config.rms_eps).astype(dtype)
         gate = linear(h, layer.w_gate)
         up = linear(h, layer.w_up)
-        x = x + linear(jax.nn.silu(gate) * up, layer.w_down)
+        x = x + linear(jax.nn.silu(gate) * up, layer.w_down).astype(jnp.float32)
 
     if not all_logits:
         last = jnp.clip(num_new - 1, 0, t - 1)
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    x = rms_norm(x, params.final_norm, config.rms_eps)
+    x = rms_norm(x, params.final_norm, config.rms_eps).astype(dtype)
     logits = jnp.einsum("...d,vd->...v", x, params.output_weight, preferred_element_type=jnp.float32)
     new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=start + num_new)
     return logits, new_cache
