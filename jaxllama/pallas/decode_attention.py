@@ -51,6 +51,9 @@ from jaxllama.pallas.flash_attention import (
 # 64 keys per tile: a K and a V tile are 16 KiB each at H=128 bf16, so two pipeline
 # stages fit easily, and a split of a 4k cache is still several tiles long.
 DEFAULT_BLOCK_K = 64
+# float32: 32 keys keep the same bytes per tile; at 64, ptxas spilled at H=128 (both
+# checked by compiling for sm_90a with Triton 3.6; not yet timed on a GPU).
+F32_BLOCK_K = 32
 # 16 splits: at B*K = 16 (the B=8, K=2 benchmark) that is 256 programs, about two per
 # SM of an H100 (132 SMs), enough loads in flight for a bandwidth-bound kernel; the
 # float32 partials then cost ~6% of the K/V bytes at G=7, H=64 (written, read back).
@@ -184,7 +187,7 @@ def decode_attention(
     kv_lengths: jax.Array,
     *,
     sm_scale: float,
-    block_k: int = DEFAULT_BLOCK_K,
+    block_k: int | None = None,
     num_splits: int = DEFAULT_NUM_SPLITS,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
@@ -198,7 +201,8 @@ def decode_attention(
       kv_lengths: (B,) int32, row b attends slots s < kv_lengths[b] (<= S). A run-time
         value: changing it does not recompile.
       sm_scale: the logit scale, usually H ** -0.5.
-      block_k: keys per tile; a power of two >= 16 on GPU.
+      block_k: keys per tile, a power of two >= 16 on GPU; None: DEFAULT_BLOCK_K, or
+        F32_BLOCK_K for float32 inputs.
       num_splits: programs that share one row's cache (split-K).
       num_warps, num_stages: Triton launch params.
       interpret: run the kernel in the Pallas interpreter (CPU tests).
@@ -211,6 +215,8 @@ def decode_attention(
     _, num_kv_heads, seq_k, _ = k.shape
     group = num_heads // num_kv_heads
     check_head_dim(head_dim, interpret, "decode_attention")
+    if block_k is None:
+        block_k = F32_BLOCK_K if q.dtype.itemsize >= 4 else DEFAULT_BLOCK_K
     block_k = fit_block(block_k, seq_k)
     num_splits = max(1, min(num_splits, pl.cdiv(seq_k, block_k)))
     rows = max(MIN_BLOCK, pl.next_power_of_2(group))

@@ -46,6 +46,9 @@ passing Triton ``CompilerParams``:
   - If neither name exists (a future jax without Triton) the call goes out with no
     params and Pallas picks its default lowering; the XLA twin below stays the
     fallback for every caller.
+Without a GPU, ``python -m benchmarks.attention --triton-check`` lowers both kernels
+for sm_90, compiles them with the ``triton`` package and reports shared memory,
+registers and spills (all default configurations pass with jax 0.10.2 + Triton 3.6).
 """
 
 from __future__ import annotations
@@ -73,19 +76,22 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Triton's tl.dot needs every matmul dimension >= 16; tiles are never made smaller.
 MIN_BLOCK = 16
 
-# 128 rows (query positions x heads of a group) by 128 keys: the tile of JAX's bundled
-# Triton `mha`, measured at 340 TFLOP/s on an H100 at B=4 S=4096 H=128 (GPU.md).
+# Tiles, checked by compiling the kernel for sm_90a with Triton 3.6 (the GPU image's)
+# at H = 64, 96, 128 and reading `ptxas -v`: no register spills, shared memory within
+# the H100's 227 KiB. Not yet timed on a GPU.
+# 128 rows (query positions x heads of a group) by 128 keys for 2-byte inputs: the
+# tile of JAX's bundled Triton `mha` (340 TFLOP/s on an H100 at H=128, GPU.md).
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 128
-# Two-stage software pipelining of the K/V loads, as in that kernel; a 128x128 bf16
+# float32 tiles are twice the bytes: 128 keys need 320 KiB of shared memory at H=128,
+# 64 keys still spill registers; 32 keys use 128 KiB and spill nothing.
+F32_BLOCK_K = 32
+# 8 warps at every head dim: with 4, the 128x128 float32 logits tile alone is 128
+# registers a thread, and ptxas spilled even at H=64.
+NUM_WARPS = 8
+# Two-stage software pipelining of the K/V loads, as in JAX's `mha`; a 128x128 bf16
 # K and V tile per stage is 64 KiB of shared memory at H=128.
 NUM_STAGES = 2
-
-
-def num_warps_for(head_dim: int) -> int:
-    """4 warps up to head dim 64, 8 above: the accumulator (block_q x H float32)
-    then still fits in registers without spilling (the heuristic of JAX's `mha`)."""
-    return 4 if head_dim <= 64 else 8
 
 
 def triton_compiler_params(num_warps: int, num_stages: int):
@@ -270,8 +276,8 @@ def flash_attention(
     *,
     sm_scale: float,
     block_q: int = DEFAULT_BLOCK_Q,
-    block_k: int = DEFAULT_BLOCK_K,
-    num_warps: int | None = None,
+    block_k: int | None = None,
+    num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
     interpret: bool = False,
 ) -> jax.Array:
@@ -285,7 +291,8 @@ def flash_attention(
       sm_scale: the logit scale, usually H ** -0.5.
       block_q: rows per tile; a row is a (query, head of the kv head's group) pair,
         so a tile covers block_q // G query positions. A power of two >= 16 on GPU.
-      block_k: keys per tile. A power of two >= 16 on GPU.
+      block_k: keys per tile, a power of two >= 16 on GPU; None: DEFAULT_BLOCK_K, or
+        F32_BLOCK_K for float32 inputs.
       num_warps, num_stages: Triton launch params (default: see module constants).
       interpret: run the kernel in the Pallas interpreter (CPU tests).
 
@@ -298,6 +305,8 @@ def flash_attention(
     _, num_kv_heads, seq_k, _ = k.shape
     group = num_heads // num_kv_heads
     check_head_dim(head_dim, interpret, "flash_attention")
+    if block_k is None:
+        block_k = F32_BLOCK_K if q.dtype.itemsize >= 4 else DEFAULT_BLOCK_K
     block_q = fit_block(block_q, seq_q * group)
     block_k = fit_block(block_k, seq_k)
     num_row_blocks = pl.cdiv(seq_q * group, block_q)
@@ -325,9 +334,7 @@ def flash_attention(
         in_specs=[scalar, scalar, q_spec, kv_spec, kv_spec],
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct((batch, seq_q * num_heads, head_dim), q.dtype),
-        compiler_params=triton_compiler_params(
-            num_warps or num_warps_for(head_dim), num_stages
-        ),
+        compiler_params=triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="flash_attention",
     )(
