@@ -97,3 +97,20 @@ def generate_loop(params, first_token, cache, key, sampling, seen, max_new, eos_
     carry = (jnp.int32(1), first_token, cache, seen, out, done, counts)
     _, _, cache, _, out, _, counts = jax.lax.while_loop(cond, body, carry)
     return out, counts, cache
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "config", "attention_impl"))
+def score_tokens(params, tokens, cache, lengths, *, model_fn, config, attention_impl):
+    """Log-probability of each next token and whether it is the argmax.
+
+    tokens (B, T) padded, lengths (B,). Returns (B, T-1) float32 log p(tokens[:, i+1] |
+    tokens[:, :i+1]) and (B, T-1) bool; entries past a row's length are undefined.
+    """
+    logits, _ = model_fn(params, tokens, cache, lengths, config=config,
+                         attention_impl=attention_impl, all_logits=True)
+    logits = logits[:, :-1]
+    targets = tokens[:, 1:]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    greedy = jnp.argmax(logits, axis=-1) == targets
+    return picked, greedy

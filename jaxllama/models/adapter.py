@@ -140,6 +140,28 @@ class DecodeState:
         return self.cache.batch_size
 
 
+def _as_text(text) -> str:
+    if isinstance(text, bytes):
+        try:
+            return text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequestError(f"text is not valid UTF-8: {exc}") from None
+    if not isinstance(text, str):
+        raise InvalidRequestError(f"expected text (str), got {type(text).__name__}")
+    return text
+
+
+def _text_batch(prompt) -> tuple[list, bool]:
+    """A prompt string, a conversation (list of message dicts), or a list of either."""
+    if isinstance(prompt, (str, bytes)):
+        return [prompt], False
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        return [list(prompt)], False
+    if isinstance(prompt, (list, tuple)) and prompt:
+        return list(prompt), True
+    raise InvalidRequestError("expected a prompt string, a conversation, or a non-empty list of them")
+
+
 def _bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
@@ -308,6 +330,11 @@ class LlamaInferenceAdapter:
                 )
         return config
 
+    @staticmethod
+    def _check_max_tokens(max_tokens) -> None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens is {max_tokens!r}, expected an integer >= 1")
+
     def _check_room(self, longest_prompt: int, max_tokens: int) -> None:
         ctx = self.config.context_length
         if longest_prompt + max_tokens > ctx:
@@ -349,18 +376,21 @@ class LlamaInferenceAdapter:
     def prefill(self, input_ids, config: AdapterForwardConfig | None = None):
         """Run the prompt; return (prompt + first sampled token, DecodeState).
 
-        For a batch (a list of lists) the ids are a list of rows.
+        For a batch (a list of lists) the ids are a list of rows. The cache leaves room for
+        DECODE_ROOM tokens and grows (doubling, up to the context length) when full.
         """
         rows, batched = self._as_batch(input_ids, "input_ids")
         config = self._check_config(config, rows, prefill=True)
         longest = max(len(r) for r in rows)
         self._check_room(longest, 1)
-        cache_size = min(_bucket(longest + DECODE_ROOM), self.config.context_length)
-        token, cache, key, seen = self._prefill(rows, config, cache_size)
-        state = DecodeState(cache=cache, key=key, step=jnp.int32(1), seen=seen, owner=self.uid)
-        first = np.asarray(token).tolist()
+        first, state = self._start(rows, config, min(_bucket(longest + DECODE_ROOM), self.config.context_length))
         out = [r + [first[i]] for i, r in enumerate(rows)]
         return (out if batched else out[0]), state
+
+    def _start(self, rows, config, cache_size) -> tuple[list[int], DecodeState]:
+        token, cache, key, seen = self._prefill(rows, config, cache_size)
+        state = DecodeState(cache=cache, key=key, step=jnp.int32(1), seen=seen, owner=self.uid)
+        return np.asarray(token).tolist(), state
 
     def decode(self, input_id, state: DecodeState, config: AdapterForwardConfig | None = None):
         """Feed one token per row; return (next token(s), new state). The old state is consumed."""
@@ -422,8 +452,7 @@ class LlamaInferenceAdapter:
         each with its own length and stop.
         """
         rows, batched = self._as_batch(input_ids, "input_ids")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-            raise InvalidRequestError(f"max_tokens is {max_tokens!r}, expected an integer >= 1")
+        self._check_max_tokens(max_tokens)
         config = self._check_config(config, rows, prefill=True)
         generated = self._generate_rows(rows, max_tokens, config)
         out = [r + g for r, g in zip(rows, generated)]
@@ -445,6 +474,159 @@ class LlamaInferenceAdapter:
         )
         out, counts = np.asarray(out), np.asarray(counts)
         return [out[i, : counts[i]].tolist() for i in range(len(rows))]
+
+    # ----- streaming
+    def stream(self, input_ids, max_tokens: int, config: AdapterForwardConfig | None = None) -> Iterator[int]:
+        """Yield each generated token of one prompt as it is produced.
+
+        The same jitted steps and randomness as `generate`, stepped from the host: the
+        tokens equal `generate`'s for the same config and seed.
+        """
+        rows, _ = self._as_batch(input_ids, "input_ids")
+        if len(rows) != 1:
+            raise UnsupportedOperation(self.model_type(), "stream takes one prompt; use generate for a batch")
+        self._check_max_tokens(max_tokens)
+        config = self._check_config(config, rows, prefill=True)
+        self._check_room(len(rows[0]), max_tokens)
+        eos = set(self.eos_ids())
+        cache_size = min(_bucket(len(rows[0]) + max_tokens), self.config.context_length)
+        return self._stream(rows, config, cache_size, max_tokens, eos)
+
+    def _stream(self, rows, config, cache_size, max_tokens, eos) -> Iterator[int]:
+        first, state = self._start(rows, config, cache_size)
+        token, count = first[0], 1
+        yield token
+        decode_config = dataclasses.replace(config, is_prefill=False, seq_len=None, cache_len=None)
+        while count < max_tokens and token not in eos:
+            token, state = self.decode(token, state, decode_config)
+            count += 1
+            yield token
+
+    # ----- text in, text out
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(_as_text(text), add_special_tokens=add_special_tokens)
+
+    def decode_text(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render the GGUF's own `tokenizer.chat_template` (as transformers does)."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def prompt_ids(self, prompt) -> list[int]:
+        """Token ids of a plain text prompt (with the file's BOS rule) or of a conversation
+        (a list of {"role", "content"} messages, rendered with the chat template)."""
+        if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
+            if not prompt:
+                raise InvalidRequestError("the conversation has no messages")
+            text = self.apply_chat_template(list(prompt), add_generation_prompt=True)
+            # The rendered template already holds any BOS text it wants.
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encode(_as_text(prompt))
+
+    def generate_text(self, prompt, max_tokens: int, config: AdapterForwardConfig | None = None):
+        """Generated text (special tokens dropped) for a prompt string or a conversation;
+        a list of those is a batch and gives a list of texts."""
+        prompts, batched = _text_batch(prompt)
+        rows = [self.prompt_ids(p) for p in prompts]
+        if config is None:
+            config = AdapterForwardConfig(batch_size=len(rows))
+        out = self.generate(rows, max_tokens, config)
+        texts = [self.decode_text(o[len(r):]) for o, r in zip(out, rows)]
+        return texts if batched else texts[0]
+
+    def stream_text(self, prompt, max_tokens: int, config: AdapterForwardConfig | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated; each piece is whole UTF-8 characters
+        (a character split over tokens is held back until complete)."""
+        decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
+        for token in self.stream(self.prompt_ids(prompt), max_tokens, config):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    # ----- batch evaluation
+    def score(self, token_sequences, *, batch_size: int = 8) -> list[np.ndarray]:
+        """Per-token log-probabilities: for each sequence of n ids, an array of n-1 float32
+        values, log p(ids[i] | ids[:i]) for i = 1..n-1. Jitted over padded batches."""
+        logprobs, _ = self._score(token_sequences, batch_size)
+        return logprobs
+
+    def _score(self, token_sequences, batch_size):
+        rows, _ = self._as_batch(token_sequences, "token_sequences")
+        model = self._loaded()
+        batch_size = min(batch_size, _bucket(len(rows), 1))
+        for r in rows:
+            if len(r) < 2:
+                raise InvalidRequestError("score needs sequences of at least 2 tokens")
+            if len(r) > model.config.context_length:
+                raise InvalidRequestError(
+                    f"a sequence of {len(r)} tokens exceeds the context length {model.config.context_length}"
+                )
+        logprobs, greedy = [None] * len(rows), [None] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            t = min(_bucket(max(len(rows[i]) for i in idx)), model.config.context_length)
+            tokens = np.zeros((batch_size, t), np.int32)
+            lengths = np.ones((batch_size,), np.int32)
+            for j, i in enumerate(idx):
+                tokens[j, : len(rows[i])] = rows[i]
+                lengths[j] = len(rows[i])
+            cache = KVCache.create(model.config, batch_size, t, model.dtype)
+            lp, gr = self._run(
+                generation.score_tokens, model.params, jnp.asarray(tokens), cache, jnp.asarray(lengths),
+                model_fn=self._fn(), config=model.config, attention_impl=self._impl(),
+            )
+            lp, gr = np.asarray(lp), np.asarray(gr)
+            for j, i in enumerate(idx):
+                n = len(rows[i])
+                logprobs[i], greedy[i] = lp[j, : n - 1], gr[j, : n - 1]
+        return logprobs, greedy
+
+    def loglikelihood(self, context, continuation) -> tuple[float, bool]:
+        """(log p(continuation | context), whether greedy decoding would produce it), the
+        form evaluation harnesses use. Strings are tokenized (the context with the file's
+        BOS rule, the continuation without); lists are taken as ids."""
+        ctx = self.encode(context) if isinstance(context, (str, bytes)) else list(context)
+        cont = (self.encode(continuation, add_special_tokens=False)
+                if isinstance(continuation, (str, bytes)) else list(continuation))
+        if not ctx or not cont:
+            raise InvalidRequestError("loglikelihood needs a non-empty context and continuation")
+        lp, gr = self._score([ctx + cont], 1)
+        n = len(cont)
+        return float(lp[0][-n:].sum()), bool(gr[0][-n:].all())
+
+    def perplexity(self, ids: Sequence[int], *, context: int | None = None, stride: int | None = None,
+                   progress: bool = False) -> tuple[float, int]:
+        """Sliding-window perplexity over `ids`: windows of `context` tokens moved by
+        `stride`; each token is scored once, with the window that first reaches it (as in
+        transformers' perplexity guide). Returns (perplexity, tokens scored)."""
+        from tqdm.auto import tqdm
+
+        ids = list(ids)
+        context = context or min(self.config.context_length, 1024)
+        stride = stride or context
+        if not 0 < stride <= context:
+            raise InvalidRequestError(f"stride is {stride}, expected 0 < stride <= context ({context})")
+        if len(ids) < 2:
+            raise InvalidRequestError("perplexity needs at least 2 tokens")
+        nll, counted, prev_end = 0.0, 0, 0
+        starts = list(range(0, len(ids), stride))
+        for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
+            end = min(begin + context, len(ids))
+            window = ids[begin:end]
+            first_target = max(prev_end, begin + 1)  # absolute index of the first token scored
+            if end > first_target:
+                lp = self.score([window], batch_size=1)[0]  # lp[j] scores window[j + 1]
+                nll -= float(lp[first_target - begin - 1:].sum())
+                counted += end - first_target
+            prev_end = end
+            if end == len(ids):
+                break
+        return math.exp(nll / counted), counted
 
     # ----- lifecycle
     def unload(self) -> "LlamaInferenceAdapter":
