@@ -1,0 +1,3 @@
+from jaxllama.cli import main
+import sys
+sys.exit(main())
