@@ -8,8 +8,9 @@ prompt plus the first sampled token and a `DecodeState` (KV cache, step, PRNG ke
 on its own cache.
 
 Shapes are bucketed so that varied requests reuse compilations: prompts are padded to a
-power of two (at least 16), caches to a power of two (capped at the context length), and
-the on-device output buffer of `generate` to a power of two.
+power of two (at least 16) and caches to a power of two (at least 256, capped at the
+context length); `generate`'s on-device output buffer is as long as its cache, so one
+compilation serves every max_tokens that fits.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ __all__ = [
 ]
 
 MIN_PROMPT_BUCKET = 16
-DECODE_ROOM = 256  # cache slots `prefill` leaves for decoding before the cache grows
+# Smallest cache: decode reads every slot, but below a few hundred slots the step costs the
+# same on a CPU and one size serves most short requests without another compilation.
+MIN_CACHE_BUCKET = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,6 +338,9 @@ class LlamaInferenceAdapter:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens <= 0:
             raise InvalidRequestError(f"max_tokens is {max_tokens!r}, expected an integer >= 1")
 
+    def _cache_size(self, tokens: int) -> int:
+        return min(_bucket(tokens, MIN_CACHE_BUCKET), self.config.context_length)
+
     def _check_room(self, longest_prompt: int, max_tokens: int) -> None:
         ctx = self.config.context_length
         if longest_prompt + max_tokens > ctx:
@@ -376,14 +382,14 @@ class LlamaInferenceAdapter:
     def prefill(self, input_ids, config: AdapterForwardConfig | None = None):
         """Run the prompt; return (prompt + first sampled token, DecodeState).
 
-        For a batch (a list of lists) the ids are a list of rows. The cache leaves room for
-        DECODE_ROOM tokens and grows (doubling, up to the context length) when full.
+        For a batch (a list of lists) the ids are a list of rows. The cache starts at the
+        bucket that holds the prompt and grows (doubling, up to the context length) when full.
         """
         rows, batched = self._as_batch(input_ids, "input_ids")
         config = self._check_config(config, rows, prefill=True)
         longest = max(len(r) for r in rows)
         self._check_room(longest, 1)
-        first, state = self._start(rows, config, min(_bucket(longest + DECODE_ROOM), self.config.context_length))
+        first, state = self._start(rows, config, self._cache_size(longest + 1))
         out = [r + [first[i]] for i, r in enumerate(rows)]
         return (out if batched else out[0]), state
 
@@ -462,7 +468,7 @@ class LlamaInferenceAdapter:
         longest = max(len(r) for r in rows)
         self._check_room(longest, max_tokens)
         model = self._loaded()
-        cache_size = min(_bucket(longest + max_tokens), self.config.context_length)
+        cache_size = self._cache_size(longest + max_tokens)
         token, cache, key, seen = self._prefill(rows, config, cache_size)
         spec, sampling = config.sampler()
         eos = jnp.asarray(self.eos_ids() or (-1,), jnp.int32)
@@ -470,7 +476,7 @@ class LlamaInferenceAdapter:
             generation.generate_loop, model.params, token, cache, key, sampling, seen,
             jnp.full((len(rows),), max_tokens, jnp.int32), eos, model_fn=self._fn(),
             config=model.config, spec=spec, attention_impl=self._impl(),
-            out_len=_bucket(max_tokens, 1),
+            out_len=cache_size,
         )
         out, counts = np.asarray(out), np.asarray(counts)
         return [out[i, : counts[i]].tolist() for i in range(len(rows))]
@@ -489,7 +495,7 @@ class LlamaInferenceAdapter:
         config = self._check_config(config, rows, prefill=True)
         self._check_room(len(rows[0]), max_tokens)
         eos = set(self.eos_ids())
-        cache_size = min(_bucket(len(rows[0]) + max_tokens), self.config.context_length)
+        cache_size = self._cache_size(len(rows[0]) + max_tokens)
         return self._stream(rows, config, cache_size, max_tokens, eos)
 
     def _stream(self, rows, config, cache_size, max_tokens, eos) -> Iterator[int]:
