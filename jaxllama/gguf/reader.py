@@ -28,6 +28,10 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+# Arrays of arrays nest at most this deep. llama.cpp refuses nested arrays outright
+# (gguf.cpp, gguf_init_from_file_impl) and GGUFReader reads any depth; the cap keeps a
+# crafted file (12 bytes a level) from exhausting the Python stack (RecursionError).
+MAX_ARRAY_DEPTH = 8
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B",
@@ -157,10 +161,14 @@ class _Cursor:
         except ValueError:
             raise GGUFError(f"{self.path}: {what} has unknown value type {raw}") from None
 
-    def value(self, vtype: GGUFValueType, what: str):
+    def value(self, vtype: GGUFValueType, what: str, depth: int = 0):
         if vtype == GGUFValueType.STRING:
             return self.string(what)
         if vtype == GGUFValueType.ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise GGUFError(
+                    f"{self.path}: {what} nests arrays more than {MAX_ARRAY_DEPTH} deep"
+                )
             etype = self.value_type(f"elements of {what}")
             count = self.u64(f"length of {what}")
             if etype in _NUMPY_TYPES:
@@ -173,7 +181,7 @@ class _Cursor:
             self.need(count * 8, f"{count} elements of {what}")
             if etype == GGUFValueType.STRING:
                 return self._string_array(count, what)
-            return [self.value(etype, f"{what}[{i}]") for i in range(count)]
+            return [self.value(etype, f"{what}[{i}]", depth + 1) for i in range(count)]
         return self.scalar(vtype, what)
 
     def _string_array(self, count: int, what: str) -> list[str]:

@@ -250,6 +250,11 @@ def config_from_gguf(gguf_file) -> ModelConfig:
         if long_f is None or short_f is None:
             raise GGUFError(f"{where}: LongRoPE needs both rope_factors_long and rope_factors_short")
         original = _meta(meta, p + "rope.scaling.original_context_length", int, where)
+        if original < 2:  # the default attn_factor below divides by log(original)
+            raise GGUFError(
+                f"{where}: metadata {p}rope.scaling.original_context_length is {original}, "
+                "expected at least 2"
+            )
         ctx = fields["context_length"]
         default_attn = math.sqrt(1 + math.log(ctx / original) / math.log(original)) if ctx > original else 1.0
         fields.update(

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from jaxllama.errors import ConfigMismatchError, InvalidModelType, UnsupportedTensorTypeError
+from jaxllama.errors import ConfigMismatchError, GGUFError, InvalidModelType, UnsupportedTensorTypeError
 from jaxllama.gguf import dequant
 from jaxllama.gguf.reader import GGUFFile, read_gguf
 from jaxllama.models.config import ModelConfig, ModelType, check_config_matches, config_from_gguf
@@ -103,6 +103,13 @@ def _expected_shapes(gguf_file: GGUFFile, config: ModelConfig) -> dict[str, tupl
 
 def check_tensors(gguf_file: GGUFFile, config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the model needs is present, of the config's shape and a supported type."""
+    # block_count is a header number: bound it by the tensor table before planning one
+    # entry per layer, so a corrupt count is an error, not billions of dict entries.
+    if config.num_layers > len(gguf_file.tensors):
+        raise GGUFError(
+            f"{gguf_file.path}: block_count is {config.num_layers}, but the file holds only "
+            f"{len(gguf_file.tensors)} tensors"
+        )
     shapes = _expected_shapes(gguf_file, config)
     for name, shape in shapes.items():
         tensor = gguf_file.tensor(name)
