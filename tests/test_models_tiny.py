@@ -140,3 +140,25 @@ def test_design_generate_length_and_model_info(case):
     assert out == expected
     if not stops:
         assert len(out) == 8
+
+
+@pytest.mark.parametrize("arch", ["qwen2_tied", "llama3", "phi3_hd96"])
+def test_pallas_attention_gives_the_xla_path_tokens(arch, tmp_path):
+    """The Pallas kernels (interpret mode on the CPU) plugged into the model: same logits
+    within float32 rounding and the same greedy tokens as plain XLA attention."""
+    if arch == "phi3_hd96":  # Phi-3's real head dim
+        hf = tiny_hf_model("phi3", hidden_size=192, num_attention_heads=2, num_key_value_heads=2)
+    else:
+        hf = tiny_hf_model(arch)
+    model = load_gguf(write_gguf(hf, tmp_path / "m.gguf"), dtype=jnp.float32, progress=False)
+    xla = LlamaInferenceAdapter.from_model(model, attention_impl="xla")
+    pallas = LlamaInferenceAdapter.from_model(model, attention_impl="pallas_interpret")
+    ids = [5, 17, 42, 99, 7, 250, 3, 8, 9, 11, 12, 13, 14, 15, 16, 20, 21]  # 17: two blocks of 16
+    cache = KVCache.create(model.config, 1, 64)
+    ref, _ = prefill(model.params, jnp.asarray([ids]), cache, jnp.asarray([len(ids)]),
+                     config=model.config, all_logits=True)
+    cache = KVCache.create(model.config, 1, 64)
+    got, _ = prefill(model.params, jnp.asarray([ids]), cache, jnp.asarray([len(ids)]),
+                     config=model.config, all_logits=True, attention_impl="pallas_interpret")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)
+    assert pallas.generate(ids, 12) == xla.generate(ids, 12)
