@@ -74,7 +74,9 @@ def filter_logits(logits: jax.Array, params: SamplingParams, spec: SamplerSpec) 
         k = jnp.clip(params.top_k, 1, logits.shape[-1])
         kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
         logits = jnp.where(logits < kth, NEG_INF, logits)
-        sorted_desc = jnp.where(jnp.arange(logits.shape[-1]) < k, sorted_desc, NEG_INF)
+        # Mask by value, not by position: tokens tied with the k-th survive top-k (as in
+        # transformers), so top-p below must weigh them too.
+        sorted_desc = jnp.where(sorted_desc < kth, NEG_INF, sorted_desc)
     if spec.top_p:
         probs = jax.nn.softmax(sorted_desc, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each sorted token
