@@ -136,7 +136,15 @@ class DecodeState:
     @property
     def cache_len(self) -> int:
         """Tokens in the cache (the longest row's, for a batch)."""
+        self.check_live()
         return int(np.max(np.asarray(self.cache.lengths)))
+
+    def check_live(self) -> None:
+        if self.cache.lengths.is_deleted():
+            raise InvalidRequestError(
+                "this DecodeState was consumed by an earlier decode (its cache was donated); "
+                "pass the state that decode returned"
+            )
 
     @property
     def batch_size(self) -> int:
@@ -166,6 +174,7 @@ def _text_batch(prompt) -> tuple[list, bool]:
 
 
 def _bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
+    n = int(n)
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
@@ -407,6 +416,7 @@ class LlamaInferenceAdapter:
             raise InvalidRequestError(f"state must be a DecodeState from prefill, got {type(state).__name__}")
         if state.owner != self.uid:
             raise InvalidRequestError("this DecodeState was made by another adapter; decode it with that adapter")
+        state.check_live()
         self._loaded()
         if config is None:
             config = AdapterForwardConfig(is_prefill=False, batch_size=len(rows))
