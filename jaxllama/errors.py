@@ -24,6 +24,10 @@ class ConfigMismatchError(JaxLlamaError, ValueError):
     """A file (or call) that disagrees with the model config it was checked against."""
 
 
+class DeviceMemoryError(JaxLlamaError, MemoryError):
+    """A model that does not fit in the device's free memory (says needed and free)."""
+
+
 class HubError(JaxLlamaError):
     """A packaged model that cannot be fetched or fails its checksum."""
 

@@ -11,6 +11,7 @@ midway, the arrays made so far are deleted before the error propagates.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,13 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from jaxllama.errors import ConfigMismatchError, GGUFError, InvalidModelType, UnsupportedTensorTypeError
+from jaxllama.errors import (
+    ConfigMismatchError,
+    DeviceMemoryError,
+    GGUFError,
+    InvalidModelType,
+    UnsupportedTensorTypeError,
+)
 from jaxllama.gguf import dequant
 from jaxllama.gguf.reader import GGUFFile, read_gguf
 from jaxllama.models.config import ModelConfig, ModelType, check_config_matches, config_from_gguf
@@ -136,6 +143,42 @@ def _shape_hint(name: str) -> str:
     return "hidden_dim"
 
 
+def free_device_memory(device: jax.Device | None = None) -> int | None:
+    """Bytes free on `device` (default: the first), or None when the backend cannot say.
+
+    Accelerators report `memory_stats()`; for the CPU backend the host's MemAvailable is
+    what arrays can take.
+    """
+    device = device or jax.devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    if device.platform == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_device_memory(needed: int, where: str) -> None:
+    """Refuse a load that cannot fit, before allocating anything."""
+    free = free_device_memory()
+    if free is not None and needed > free:
+        device = jax.devices()[0]
+        raise DeviceMemoryError(
+            f"{where}: the weights need {needed / 2**20:.0f} MiB on {device.platform}:{device.id} "
+            f"but only {free / 2**20:.0f} MiB is free; free other models (adapter.unload()) or "
+            "load a smaller model or a narrower dtype"
+        )
+
+
 def load_gguf(
     path: str | os.PathLike | GGUFFile,
     config: ModelConfig | None = None,
@@ -156,6 +199,8 @@ def load_gguf(
     config = file_config
     dtype = jnp.dtype(dtype or default_dtype())
     shapes = check_tensors(gguf_file, config)
+    check_device_memory(sum(math.prod(s) for s in shapes.values()) * dtype.itemsize,
+                        str(gguf_file.path))
 
     made: list[jax.Array] = []
 
