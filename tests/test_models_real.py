@@ -29,7 +29,7 @@ def _ids(name, text):
 def _all_logits(model, ids, t_pad=64, cache_len=64):
     tokens = np.zeros((1, t_pad), np.int32)
     tokens[0, : len(ids)] = ids
-    cache = KVCache.create(model.config, 1, cache_len, model.dtype)
+    cache = KVCache.for_params(model.params, model.config, 1, cache_len)
     logits, _ = prefill(model.params, jnp.asarray(tokens), cache, jnp.asarray([len(ids)]),
                         config=model.config, all_logits=True)
     return np.asarray(logits[0, : len(ids)])
@@ -92,10 +92,17 @@ def test_prefill_then_decode_equals_one_prefill(data):
     full = _all_logits(model, ids)
     tokens = np.zeros((1, 64), np.int32)
     tokens[0, :split] = ids[:split]
-    cache = KVCache.create(model.config, 1, 64)
+    cache = KVCache.for_params(model.params, model.config, 1, 64)
     logits, cache = prefill(model.params, jnp.asarray(tokens), cache, jnp.asarray([split]),
                             config=model.config)
-    np.testing.assert_allclose(np.asarray(logits[0]), full[split - 1], rtol=2e-4, atol=2e-4)
+    _assert_close(np.asarray(logits[0]), full[split - 1])
     for pos in range(split, length):
         logits, cache = decode_step(model.params, jnp.asarray([ids[pos]]), cache, config=model.config)
-        np.testing.assert_allclose(np.asarray(logits[0]), full[pos], rtol=2e-4, atol=2e-4)
+        _assert_close(np.asarray(logits[0]), full[pos])
+
+
+def _assert_close(got, want):
+    """float32 agreement of two logit vectors computed with different matmul shapes
+    (a 64-row prefill against 1-row decode steps sum in different orders)."""
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    assert np.max(np.abs(got - want)) < 2e-3 * max(1.0, np.max(np.abs(want)) / 10)

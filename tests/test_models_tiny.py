@@ -56,7 +56,7 @@ def _rel_l2(a, b):
 
 
 def _our_logits(model, ids):
-    cache = KVCache.create(model.config, 1, 128)
+    cache = KVCache.for_params(model.params, model.config, 1, 128)
     logits, _ = prefill(model.params, jnp.asarray([ids]), cache, jnp.asarray([len(ids)]),
                         config=model.config, all_logits=True)
     return np.asarray(logits[0])
@@ -99,7 +99,7 @@ def test_prefill_then_decode_equals_one_prefill(case):
     rng = np.random.default_rng(2)
     ids = rng.integers(3, model.config.vocab_size, 20).tolist()
     full = _our_logits(model, ids)
-    cache = KVCache.create(model.config, 1, 128)
+    cache = KVCache.for_params(model.params, model.config, 1, 128)
     split = 12
     tokens = np.zeros((1, 16), np.int32)
     tokens[0, :split] = ids[:split]
@@ -154,10 +154,10 @@ def test_pallas_attention_gives_the_xla_path_tokens(arch, tmp_path):
     xla = LlamaInferenceAdapter.from_model(model, attention_impl="xla")
     pallas = LlamaInferenceAdapter.from_model(model, attention_impl="pallas_interpret")
     ids = [5, 17, 42, 99, 7, 250, 3, 8, 9, 11, 12, 13, 14, 15, 16, 20, 21]  # 17: two blocks of 16
-    cache = KVCache.create(model.config, 1, 64)
+    cache = KVCache.for_params(model.params, model.config, 1, 64)
     ref, _ = prefill(model.params, jnp.asarray([ids]), cache, jnp.asarray([len(ids)]),
                      config=model.config, all_logits=True)
-    cache = KVCache.create(model.config, 1, 64)
+    cache = KVCache.for_params(model.params, model.config, 1, 64)
     got, _ = prefill(model.params, jnp.asarray([ids]), cache, jnp.asarray([len(ids)]),
                      config=model.config, all_logits=True, attention_impl="pallas_interpret")
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-4)

@@ -378,7 +378,7 @@ class LlamaInferenceAdapter:
         for i, r in enumerate(rows):
             tokens[i, : len(r)] = r
         spec, sampling = config.sampler()
-        cache = KVCache.create(model.config, b, cache_size, model.dtype)
+        cache = KVCache.for_params(model.params, model.config, b, cache_size)
         seen = jnp.zeros((b, model.config.vocab_size), bool) if spec.repetition_penalty else None
         key = jax.random.PRNGKey(config.seed)
         token, logits, cache, seen = self._run(
@@ -455,11 +455,7 @@ class LlamaInferenceAdapter:
         size = state.cache.max_len
         if state.cache_len < size:
             return state
-        new_size = min(size * 2, self.config.context_length)
-        pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, new_size - size), (0, 0)))  # noqa: E731
-        cache = state.cache
-        grown = KVCache(k=tuple(map(pad, cache.k)), v=tuple(map(pad, cache.v)), lengths=cache.lengths)
-        return state.replace(cache=grown)
+        return state.replace(cache=state.cache.grow(min(size * 2, self.config.context_length)))
 
     def generate(self, input_ids, max_tokens: int, config: AdapterForwardConfig | None = None):
         """Prompt + up to `max_tokens` generated ids, stopping after the model's EOS.
@@ -591,7 +587,7 @@ class LlamaInferenceAdapter:
             for j, i in enumerate(idx):
                 tokens[j, : len(rows[i])] = rows[i]
                 lengths[j] = len(rows[i])
-            cache = KVCache.create(model.config, batch_size, t, model.dtype)
+            cache = KVCache.for_params(model.params, model.config, batch_size, t)
             lp, gr = self._run(
                 generation.score_tokens, model.params, jnp.asarray(tokens), cache, jnp.asarray(lengths),
                 model_fn=self._fn(), config=model.config, attention_impl=self._impl(),

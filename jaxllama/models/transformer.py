@@ -11,7 +11,8 @@ Layouts: projection weights are kept as GGUF/PyTorch store them, (out, in), so l
 never transposes; `linear` contracts the `in` axis. The KV cache is (B, K, S, H) per
 layer, so one kv head's keys are contiguous for the decode kernel. Layers are a tuple,
 unrolled in Python: scanning over stacked layer weights copied each slice on GPU
-(../shared/GPU.md measured 2.4x at Phi-3 shape).
+(../shared/GPU.md measured 2.4x at Phi-3 shape), and on this project's 2-core CPU a
+`lax.scan` layout compiled faster but decoded SmolLM2 2.4x slower (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -83,6 +84,16 @@ class KVCache:
             v=tuple(zeros() for _ in range(config.num_layers)),
             lengths=jnp.zeros((batch_size,), jnp.int32),
         )
+
+    @classmethod
+    def for_params(cls, params: "Params", config: ModelConfig, batch_size: int, max_len: int) -> "KVCache":
+        """A cache in the dtype of `params`."""
+        return cls.create(config, batch_size, max_len, params.embed.dtype)
+
+    def grow(self, new_len: int) -> "KVCache":
+        """The same cache with room for `new_len` slots (zero padding along S)."""
+        pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, new_len - a.shape[2]), (0, 0)))  # noqa: E731
+        return KVCache(k=tuple(map(pad, self.k)), v=tuple(map(pad, self.v)), lengths=self.lengths)
 
 
 def linear(x: Array, w: Array, b: Array | None = None) -> Array:
