@@ -41,6 +41,8 @@ from jax.experimental import pallas as pl
 from jaxllama.pallas.flash_attention import (
     LOG2E,
     MASK_VALUE,
+    load_kv_block,
+    online_softmax_update,
     MIN_BLOCK,
     check_head_dim,
     fit_block,
@@ -97,46 +99,12 @@ def _decode_kernel(
     j_mid = jnp.minimum(jnp.maximum(lax.div(kv_len, block_k), j_lo), j_hi)
 
     def step(j, carry, masked: bool):
-        accs, m_prev, l_prev = carry
-        start = j * block_k
-        if masked:
-            k_pos = start + lax.iota(jnp.int32, block_k)
-            k_idx = jnp.minimum(k_pos, seq_k - 1)  # in bounds; those are masked
-            ks = [k_ref[k_idx, pl.ds(c0, cw)] for c0, cw in chunks]
-            vs = [v_ref[k_idx, pl.ds(c0, cw)] for c0, cw in chunks]
-        else:
-            start = pl.multiple_of(start, block_k)
-            ks = [k_ref[pl.ds(start, block_k), pl.ds(c0, cw)] for c0, cw in chunks]
-            vs = [v_ref[pl.ds(start, block_k), pl.ds(c0, cw)] for c0, cw in chunks]
-
-        s = None
-        for qc, kc in zip(qs, ks):
-            part = lax.dot_general(
-                qc, kc, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-            )
-            s = part if s is None else s + part
-        s = s * scale  # (rows, block_k)
-        if masked:
-            key_ok = k_pos < kv_len
-            s = jnp.where(key_ok[None, :], s, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m_prev - m_next)
-        # Masked logits give exactly 0 here: every block a split visits holds at
-        # least one slot < kv_len, so the max is a real logit.
-        p = jnp.exp2(s - m_next[:, None])
-        if masked:
-            # Slots past kv_len may hold anything, NaN included, and 0 * NaN is NaN.
-            vs = [jnp.where(key_ok[:, None], vc, 0) for vc in vs]
-        l_next = alpha * l_prev + jnp.sum(p, axis=1)
-        p = p.astype(vs[0].dtype)
-        accs = tuple(
-            alpha[:, None] * acc
-            + lax.dot_general(
-                p, vc, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-            )
-            for acc, vc in zip(accs, vs)
-        )
-        return accs, m_next, l_next
+        k_pos, ks, vs = load_kv_block(k_ref, v_ref, j, block_k, seq_k, chunks, masked)
+        if not masked:
+            return online_softmax_update(carry, qs, ks, vs, scale)
+        # Every block a split visits holds at least one slot < kv_len.
+        key_ok = k_pos < kv_len
+        return online_softmax_update(carry, qs, ks, vs, scale, key_ok[None, :], key_ok)
 
     carry = (
         tuple(jnp.zeros((rows, cw), jnp.float32) for _, cw in chunks),

@@ -141,6 +141,49 @@ def _dot_nn(a, b):
     )
 
 
+def load_kv_block(k_ref, v_ref, j, block_k: int, seq_k: int, chunks, masked: bool):
+    """Key block j of K and V as column chunks: (k_pos or None, ks, vs).
+
+    A masked block may run past the cache (only the last one does): its slots are
+    clamped onto S - 1 to keep the loads in bounds, and the caller masks them by k_pos.
+    """
+    start = j * block_k
+    if masked:
+        k_pos = start + lax.iota(jnp.int32, block_k)
+        k_idx = jnp.minimum(k_pos, seq_k - 1)
+        return (k_pos, [k_ref[k_idx, pl.ds(c0, cw)] for c0, cw in chunks],
+                [v_ref[k_idx, pl.ds(c0, cw)] for c0, cw in chunks])
+    start = pl.multiple_of(start, block_k)
+    return (None, [k_ref[pl.ds(start, block_k), pl.ds(c0, cw)] for c0, cw in chunks],
+            [v_ref[pl.ds(start, block_k), pl.ds(c0, cw)] for c0, cw in chunks])
+
+
+def online_softmax_update(carry, qs, ks, vs, scale, valid=None, key_ok=None):
+    """One key block of the online softmax, in the log2 domain.
+
+    carry = (accs, m, l) per row; valid (rows, block_k) masks logits; key_ok (block_k,)
+    marks slots below kv_len, whose V rows alone may enter the sum (slots past it may
+    hold anything, NaN included, and 0 * NaN is NaN). Masked logits give exactly 0: the
+    callers only visit blocks where each row's max is a real logit.
+    """
+    accs, m_prev, l_prev = carry
+    s = _dot_nt(qs[0], ks[0])
+    for qc, kc in zip(qs[1:], ks[1:]):
+        s = s + _dot_nt(qc, kc)
+    s = s * scale  # (rows, block_k)
+    if valid is not None:
+        s = jnp.where(valid, s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    alpha = jnp.exp2(m_prev - m_next)
+    p = jnp.exp2(s - m_next[:, None])
+    if key_ok is not None:
+        vs = [jnp.where(key_ok[:, None], vc, 0) for vc in vs]
+    l_next = alpha * l_prev + jnp.sum(p, axis=1)
+    p = p.astype(vs[0].dtype)
+    accs = tuple(alpha[:, None] * acc + _dot_nn(p, vc) for acc, vc in zip(accs, vs))
+    return accs, m_next, l_next
+
+
 def _flash_kernel(
     q_offset_ref,  # () int32, this row's q_offset
     kv_len_ref,  # () int32, this row's kv_lengths
@@ -187,43 +230,13 @@ def _flash_kernel(
     scale = sm_scale * LOG2E
 
     def step(j, carry, masked: bool):
-        accs, m_prev, l_prev = carry
-        start = j * block_k
-        if masked:
-            k_pos = start + lax.iota(jnp.int32, block_k)
-            # Slots past S only occur in the last block; they are >= kv_len, so
-            # clamping them onto S - 1 keeps the load in bounds and they stay masked.
-            k_idx = jnp.minimum(k_pos, seq_k - 1)
-            ks = [k_ref[k_idx, pl.ds(c0, cw)] for c0, cw in chunks]
-            vs = [v_ref[k_idx, pl.ds(c0, cw)] for c0, cw in chunks]
-        else:
-            start = pl.multiple_of(start, block_k)
-            ks = [k_ref[pl.ds(start, block_k), pl.ds(c0, cw)] for c0, cw in chunks]
-            vs = [v_ref[pl.ds(start, block_k), pl.ds(c0, cw)] for c0, cw in chunks]
-
-        s = _dot_nt(qs[0], ks[0])
-        for qc, kc in zip(qs[1:], ks[1:]):
-            s = s + _dot_nt(qc, kc)
-        s = s * scale  # (block_q, block_k), log2 domain
-
-        if masked:
-            key_ok = k_pos < kv_len
-            valid = key_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
-            s = jnp.where(valid, s, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m_prev - m_next)
-        # Masked logits give exactly 0 here: every row's max is a real logit from
-        # block 0 on (slot 0 is visible to every query once kv_len >= 1).
-        p = jnp.exp2(s - m_next[:, None])
-        if masked:
-            # Slots past kv_len may hold anything, NaN included, and 0 * NaN is NaN.
-            vs = [jnp.where(key_ok[:, None], vc, 0) for vc in vs]
-        l_next = alpha * l_prev + jnp.sum(p, axis=1)
-        p = p.astype(vs[0].dtype)
-        accs = tuple(
-            alpha[:, None] * acc + _dot_nn(p, vc) for acc, vc in zip(accs, vs)
-        )
-        return accs, m_next, l_next
+        k_pos, ks, vs = load_kv_block(k_ref, v_ref, j, block_k, seq_k, chunks, masked)
+        if not masked:
+            return online_softmax_update(carry, qs, ks, vs, scale)
+        key_ok = k_pos < kv_len
+        # Every row sees slot 0 once kv_len >= 1, so each row's max is a real logit.
+        valid = key_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        return online_softmax_update(carry, qs, ks, vs, scale, valid, key_ok)
 
     carry = (
         tuple(jnp.zeros((block_q, cw), jnp.float32) for _, cw in chunks),
