@@ -103,6 +103,7 @@ def test_prefill_then_decode_equals_one_prefill(data):
 
 def _assert_close(got, want):
     """float32 agreement of two logit vectors computed with different matmul shapes
-    (a 64-row prefill against 1-row decode steps sum in different orders)."""
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    (a 64-row prefill against 1-row decode steps sum in different orders over 30 layers;
+    seen: 2.3e-5 relative for the prompt [0, 0]). A cache or position bug is 1e-2 or more."""
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
     assert np.max(np.abs(got - want)) < 2e-3 * max(1.0, np.max(np.abs(want)) / 10)
