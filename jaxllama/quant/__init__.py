@@ -1,12 +1,14 @@
-"""Quantized weights: storage and GGUF conversion.
+"""Quantized weights: storage, GGUF conversion and the matmul.
 
-    from jaxllama.quant import QuantizedWeight, from_gguf_blocks, quantize
+    from jaxllama.quant import QuantizedWeight, from_gguf_blocks, quantize, qlinear
 
 `formats` holds the `QuantizedWeight` pytree (int8 / int4 codes with per-32 scales),
 `from_gguf_blocks` (GGUF tensor bytes -> QuantizedWeight) and `quantize` (dense floats
--> QuantizedWeight).
+-> QuantizedWeight); `matmul.qlinear` multiplies by one, through XLA or the Pallas kernel
+in `jaxllama.pallas.quant_matmul`.
 """
 
 from jaxllama.quant.formats import QuantizedWeight, from_gguf_blocks, quantize
+from jaxllama.quant.matmul import PALLAS_MAX_ROWS, qlinear
 
-__all__ = ["QuantizedWeight", "from_gguf_blocks", "quantize"]
+__all__ = ["PALLAS_MAX_ROWS", "QuantizedWeight", "from_gguf_blocks", "qlinear", "quantize"]

@@ -1,0 +1,79 @@
+"""`qlinear`: x @ w.T for a dense or quantized weight, by XLA or by the Pallas kernel.
+
+Which path runs (all decided at trace time, from shapes and the ``impl`` argument):
+
+* ``w`` a dense (out, in) array: one XLA einsum, whatever ``impl`` says.
+* ``impl="xla"``: w dequantized to x's dtype, then an XLA einsum with float32
+  accumulation (`jaxllama.pallas.quant_matmul.quant_matmul_reference`). What prefill
+  and large batches use: the weight is read once for many rows, so the dequantize pass
+  is amortized and XLA's GEMM does the math.
+* ``impl="pallas"`` (GPU) or ``"pallas_interpret"`` (the same kernel in the Pallas
+  interpreter, for CPU tests): the fused kernel
+  `jaxllama.pallas.quant_matmul.quant_matmul` when x has 1 <= M <= PALLAS_MAX_ROWS
+  rows (M = the product of x's leading dims); otherwise the XLA path above.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxllama.errors import InvalidRequestError
+
+# The module, not its names: it imports jaxllama.quant.formats, so importing the kernel
+# module first would otherwise find this one half-initialized.
+from jaxllama.pallas import quant_matmul as _kernel
+from jaxllama.quant.formats import QuantizedWeight
+
+IMPLS: tuple[str, ...] = ("xla", "pallas", "pallas_interpret")
+# The kernel holds all of x's rows in one tile (no grid axis over M): an (Mp, 32)
+# float32 accumulator and an (Mp, bk) x tile per program; at Mp = 32 its int4 / bf16
+# variant already takes 210 registers a thread (ptxas, sm_90a, no spills). More rows
+# would want an M axis in the grid; until then XLA takes them, at the cost of writing
+# and re-reading a dense copy of the weight on each call (XLA does not fuse the
+# conversion into the GEMM, GPU.md). 32 also covers batch-32 decode, the largest batch
+# GPU.md measured. Not yet timed on a GPU.
+PALLAS_MAX_ROWS = 32
+
+
+def qlinear(x: jax.Array, w: QuantizedWeight | jax.Array, *, impl: str = "xla") -> jax.Array:
+    """x (..., in) @ w.T -> (..., out) float32, accumulated in float32.
+
+    Args:
+      x: (..., in) bfloat16, float16 or float32.
+      w: a QuantizedWeight of logical shape (out, in), or a dense (out, in) array.
+      impl: "xla", "pallas" (needs a GPU backend) or "pallas_interpret"; which path
+        runs for which shapes is in the module docstring.
+
+    Returns:
+      (..., out) float32; the caller casts. Equal, up to the order of the float32
+      sums, to ``x @ w.dequantize(x.dtype).T``.
+
+    Raises:
+      InvalidRequestError: unknown impl, "pallas" without a GPU, or an x whose last
+        dim is not w's in dim.
+    """
+    if impl not in IMPLS:
+        raise InvalidRequestError(
+            f"qlinear: impl {impl!r} is not supported; expected one of {IMPLS}"
+        )
+    if impl == "pallas" and jax.default_backend() != "gpu":
+        raise InvalidRequestError(
+            f"qlinear: impl 'pallas' needs a GPU; the backend is {jax.default_backend()!r} "
+            "(use 'pallas_interpret' or 'xla' there)"
+        )
+    out, in_ = w.shape
+    if jnp.ndim(x) < 1 or x.shape[-1] != in_:
+        raise InvalidRequestError(
+            f"qlinear: x has shape {jnp.shape(x)}; expected (..., {in_}) for a weight of "
+            f"shape {tuple(w.shape)}"
+        )
+    if not isinstance(w, QuantizedWeight):
+        return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32)
+    rows = math.prod(x.shape[:-1])
+    if impl == "xla" or not 1 <= rows <= PALLAS_MAX_ROWS:
+        return _kernel.quant_matmul_reference(x, w)
+    y = _kernel.quant_matmul(x.reshape(rows, in_), w, interpret=impl == "pallas_interpret")
+    return y.reshape(*x.shape[:-1], out)
