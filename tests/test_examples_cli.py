@@ -147,7 +147,7 @@ def test_info_pull_and_errors(capsys, tmp_path):
     assert "unknown packaged model 'no-such-model'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "info", "pull", "perplexity"])
+@pytest.mark.parametrize("command", ["generate", "chat", "info", "pull", "perplexity", "bench"])
 def test_help_is_complete(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
