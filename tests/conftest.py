@@ -9,6 +9,9 @@ import pytest
 # Tests run on the CPU in float32 unless a test says otherwise; keep XLA from
 # grabbing every core's worth of threads for tiny ops is not needed here.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight virtual CPU devices, for the sharding tests' meshes (test_sharding.py); every
+# other test runs on the first of them, as on one device.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 from jaxllama import hub  # noqa: E402
 

@@ -236,8 +236,10 @@ def dequantize(
     dtype=jnp.float32,
     *,
     name: str = "<tensor>",
+    device: jax.Device | None = None,
 ) -> jax.Array:
-    """Decode one GGUF tensor into a `shape` array of `dtype` on the default device.
+    """Decode one GGUF tensor into a `shape` array of `dtype` on `device` (default: the
+    default device); the decode kernel runs on that device.
 
     `raw` is the tensor's data as `gguf.GGUFReader` maps it: uint8 block bytes for the
     quantized types and BF16, float32 / float16 arrays for F32 / F16 (any array whose
@@ -286,5 +288,5 @@ def dequantize(
     # Copy, never alias: on the CPU backend a zero-copy buffer over the memory map makes
     # the decode kernel take its page faults, which measured 2-3x slower for the real
     # files than one sequential copy; it would also pin the file's mapping.
-    device_blocks = jax.device_put(blocks, may_alias=False)
+    device_blocks = jax.device_put(blocks, device, may_alias=False)
     return _dequantize_blocks(device_blocks, qtype=qtype, shape=shape, dtype=dtype)

@@ -42,6 +42,8 @@ from jaxllama.models.config import ModelConfig, ModelType
 from jaxllama.models.transformer import KVCache
 from jaxllama.models.weights import LoadedModel, load_gguf
 from jaxllama.sampling import SamplingParams, spec_for
+from jaxllama.sharding import ShardingPlan
+from jaxllama.sharding import to_host as _host
 
 __all__ = [
     "AdapterError", "AdapterForwardConfig", "DecodeState", "ForwardPassFailed", "InvalidModelType",
@@ -57,6 +59,18 @@ MIN_CACHE_BUCKET = 256
 @dataclasses.dataclass(frozen=True)
 class ModelFunctions:
     forward: Callable  # transformer.forward signature
+
+
+@dataclasses.dataclass(frozen=True)
+class _OnMesh:
+    """A family's forward with a sharding plan bound: hashable by value, so it is one
+    static argument of the jitted steps (a functools.partial would recompile each call)."""
+
+    forward: Callable
+    plan: ShardingPlan
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, shard=self.plan, **kwargs)
 
 
 # The table the adapter dispatches on. Every family runs the one transformer today; a
@@ -137,7 +151,7 @@ class DecodeState:
     def cache_len(self) -> int:
         """Tokens in the cache (the longest row's, for a batch)."""
         self.check_live()
-        return int(np.max(np.asarray(self.cache.lengths)))
+        return int(np.max(_host(self.cache.lengths)))
 
     def check_live(self) -> None:
         if self.cache.lengths.is_deleted():
@@ -191,9 +205,14 @@ class LlamaInferenceAdapter:
 
     # ----- construction (the design's new_qwen / new_phi3 / Into<LlamaInferenceAdapter>)
     @classmethod
-    def from_model(cls, model: LoadedModel, **kwargs) -> "LlamaInferenceAdapter":
+    def from_model(cls, model: LoadedModel, *, mesh=None, **kwargs) -> "LlamaInferenceAdapter":
+        """Wrap a loaded model; with `mesh`, its params are first moved onto the mesh (a
+        model loaded with `load_gguf(..., mesh=)` is already there)."""
         if model.model_type not in MODEL_FUNCTIONS:
             raise InvalidModelType(model.model_type, "no model functions are registered for it")
+        if mesh is not None and (model.plan is None or model.plan.mesh != mesh):
+            plan = ShardingPlan(mesh, model.config)
+            model = dataclasses.replace(model, params=plan.place(model.params), plan=plan)
         return cls(model=model, **kwargs)
 
     @classmethod
@@ -216,10 +235,17 @@ class LlamaInferenceAdapter:
 
     @classmethod
     def from_gguf(cls, path_or_name: str | os.PathLike, *, config: ModelConfig | None = None,
-                  dtype: Any = None, progress: bool = True, **kwargs) -> "LlamaInferenceAdapter":
-        """Load a GGUF path or a packaged model name (see `jaxllama.hub`), any family."""
+                  dtype: Any = None, progress: bool = True, mesh=None,
+                  **kwargs) -> "LlamaInferenceAdapter":
+        """Load a GGUF path or a packaged model name (see `jaxllama.hub`), any family.
+
+        With `mesh` (`jaxllama.sharding.make_mesh(model=..., data=...)`), the weights are
+        streamed onto the mesh's devices, tensor-parallel over its `model` axis, and
+        batches are split over its `data` axis (see `jaxllama.sharding`).
+        """
         path = hub.resolve(path_or_name)
-        return cls.from_model(load_gguf(path, config, dtype=dtype, progress=progress), **kwargs)
+        return cls.from_model(load_gguf(path, config, dtype=dtype, progress=progress, mesh=mesh),
+                              **kwargs)
 
     # ----- model information
     def is_loaded(self) -> bool:
@@ -247,8 +273,15 @@ class LlamaInferenceAdapter:
         return self.config.num_layers
 
     def vram_usage(self) -> int:
-        """Bytes the model's arrays hold on the device (0 once unloaded)."""
-        return self.model.nbytes() if self.is_loaded() else 0
+        """Bytes the model's arrays hold on the device (0 once unloaded).
+
+        On a mesh, the bytes on the most loaded device (its shards plus replicated arrays).
+        """
+        if not self.is_loaded():
+            return 0
+        if self.model.plan is not None:
+            return self.model.plan.bytes_per_device(self.model.params)
+        return self.model.nbytes()
 
     def eos_ids(self) -> tuple[int, ...]:
         return self.tokenizer.eos_ids
@@ -273,7 +306,18 @@ class LlamaInferenceAdapter:
         return "xla" if jax.default_backend() == "cpu" else "pallas"
 
     def _fn(self) -> Callable:
-        return MODEL_FUNCTIONS[self.model_type()].forward
+        forward = MODEL_FUNCTIONS[self.model_type()].forward
+        plan = self._loaded().plan
+        return forward if plan is None else _OnMesh(forward, plan)
+
+    def _put(self, x) -> jax.Array:
+        """A batch-major input array, split over the mesh's data axis when there is one."""
+        plan = self._loaded().plan
+        return jnp.asarray(x) if plan is None else plan.put_batch(np.asarray(x))
+
+    def _new_cache(self, batch_size: int, size: int) -> KVCache:
+        model = self._loaded()
+        return KVCache.for_params(model.params, model.config, batch_size, size, shard=model.plan)
 
     # ----- input checking
     def _as_batch(self, input_ids, what: str) -> tuple[list[list[int]], bool]:
@@ -378,12 +422,13 @@ class LlamaInferenceAdapter:
         for i, r in enumerate(rows):
             tokens[i, : len(r)] = r
         spec, sampling = config.sampler()
-        cache = KVCache.for_params(model.params, model.config, b, cache_size)
-        seen = jnp.zeros((b, model.config.vocab_size), bool) if spec.repetition_penalty else None
+        cache = self._new_cache(b, cache_size)
+        seen = (self._put(np.zeros((b, model.config.vocab_size), bool))
+                if spec.repetition_penalty else None)
         key = jax.random.PRNGKey(config.seed)
         token, logits, cache, seen = self._run(
-            generation.prefill_sample, model.params, jnp.asarray(tokens), cache,
-            jnp.asarray(lengths, jnp.int32), key, sampling, seen, model_fn=self._fn(),
+            generation.prefill_sample, model.params, self._put(tokens), cache,
+            self._put(np.asarray(lengths, np.int32)), key, sampling, seen, model_fn=self._fn(),
             config=model.config, spec=spec, attention_impl=self._impl(), attend_len=t,
         )
         return token, cache, key, seen
@@ -405,7 +450,7 @@ class LlamaInferenceAdapter:
     def _start(self, rows, config, cache_size) -> tuple[list[int], DecodeState]:
         token, cache, key, seen = self._prefill(rows, config, cache_size)
         state = DecodeState(cache=cache, key=key, step=jnp.int32(1), seen=seen, owner=self.uid)
-        return np.asarray(token).tolist(), state
+        return _host(token).tolist(), state
 
     def decode(self, input_id, state: DecodeState, config: AdapterForwardConfig | None = None):
         """Feed one token per row; return (next token(s), new state). The old state is consumed."""
@@ -440,15 +485,15 @@ class LlamaInferenceAdapter:
             )
         if not spec.repetition_penalty:
             seen = None
-        token = jnp.asarray([r[0] for r in rows], jnp.int32)
-        active = jnp.ones((len(rows),), bool)
+        token = self._put(np.asarray([r[0] for r in rows], np.int32))
+        active = self._put(np.ones((len(rows),), bool))
         nxt, _, cache, seen = self._run(
             generation.decode_sample, model.params, token, state.cache, active, state.key, state.step,
             sampling, seen, model_fn=self._fn(), config=model.config, spec=spec,
             attention_impl=self._impl(),
         )
         new_state = state.replace(cache=cache, step=state.step + 1, seen=seen if seen is not None else state.seen)
-        out = np.asarray(nxt).tolist()
+        out = _host(nxt).tolist()
         return (out if batched else out[0]), new_state
 
     def _grow_if_full(self, state: DecodeState) -> DecodeState:
@@ -480,11 +525,11 @@ class LlamaInferenceAdapter:
         eos = jnp.asarray(self.eos_ids() or (-1,), jnp.int32)
         out, counts, _ = self._run(
             generation.generate_loop, model.params, token, cache, key, sampling, seen,
-            jnp.full((len(rows),), max_tokens, jnp.int32), eos, model_fn=self._fn(),
+            self._put(np.full((len(rows),), max_tokens, np.int32)), eos, model_fn=self._fn(),
             config=model.config, spec=spec, attention_impl=self._impl(),
             out_len=cache_size,
         )
-        out, counts = np.asarray(out), np.asarray(counts)
+        out, counts = _host(out), _host(counts)
         return [out[i, : counts[i]].tolist() for i in range(len(rows))]
 
     # ----- streaming
@@ -587,12 +632,12 @@ class LlamaInferenceAdapter:
             for j, i in enumerate(idx):
                 tokens[j, : len(rows[i])] = rows[i]
                 lengths[j] = len(rows[i])
-            cache = KVCache.for_params(model.params, model.config, batch_size, t)
+            cache = self._new_cache(batch_size, t)
             lp, gr = self._run(
-                generation.score_tokens, model.params, jnp.asarray(tokens), cache, jnp.asarray(lengths),
+                generation.score_tokens, model.params, self._put(tokens), cache, self._put(lengths),
                 model_fn=self._fn(), config=model.config, attention_impl=self._impl(),
             )
-            lp, gr = np.asarray(lp), np.asarray(gr)
+            lp, gr = _host(lp), _host(gr)
             for j, i in enumerate(idx):
                 n = len(rows[i])
                 logprobs[i], greedy[i] = lp[j, : n - 1], gr[j, : n - 1]

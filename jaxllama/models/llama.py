@@ -27,6 +27,14 @@ class Llama3Config:
         )
 
     @staticmethod
+    def llama3_70b() -> ModelConfig:
+        return ModelConfig(
+            arch="llama", vocab_size=128256, hidden_dim=8192, num_layers=80, num_heads=64,
+            num_kv_heads=8, head_dim=128, ffn_dim=28672, rms_eps=1e-5, context_length=8192,
+            rope_theta=500000.0, rope_style=ROPE_INTERLEAVED,
+        )
+
+    @staticmethod
     def llama3_2_1b() -> ModelConfig:
         return ModelConfig(
             arch="llama", vocab_size=128256, hidden_dim=2048, num_layers=16, num_heads=32,

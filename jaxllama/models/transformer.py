@@ -86,9 +86,19 @@ class KVCache:
         )
 
     @classmethod
-    def for_params(cls, params: "Params", config: ModelConfig, batch_size: int, max_len: int) -> "KVCache":
-        """A cache in the dtype of `params`."""
-        return cls.create(config, batch_size, max_len, params.embed.dtype)
+    def for_params(cls, params: "Params", config: ModelConfig, batch_size: int, max_len: int,
+                   shard=None) -> "KVCache":
+        """A cache in the dtype of `params`; with `shard` (a ShardingPlan), made directly
+        in its shards on the plan's mesh."""
+        if shard is None:
+            return cls.create(config, batch_size, max_len, params.embed.dtype)
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+        dtype = params.embed.dtype
+        return cls(
+            k=tuple(shard.zeros_cache(shape, dtype) for _ in range(config.num_layers)),
+            v=tuple(shard.zeros_cache(shape, dtype) for _ in range(config.num_layers)),
+            lengths=shard.put_batch(np.zeros((batch_size,), np.int32)),
+        )
 
     def grow(self, new_len: int) -> "KVCache":
         """The same cache with room for `new_len` slots (zero padding along S)."""
@@ -233,6 +243,7 @@ def forward(
     attention_impl: str = "xla",
     attend_len: int | None = None,
     all_logits: bool = False,
+    shard=None,
 ) -> tuple[Array, KVCache]:
     """Run `tokens` (B, T) through the model, appending them to `cache`.
 
@@ -240,7 +251,9 @@ def forward(
     the row's new length (masked, then overwritten). `attend_len` (static) bounds the
     cache slots attention reads; the caller guarantees lengths + num_new <= attend_len.
     Returns float32 logits, (B, V) at each row's last real token, or (B, T, V) with
-    `all_logits`, and the cache with lengths advanced by num_new.
+    `all_logits`, and the cache with lengths advanced by num_new. `shard` (static), a
+    `jaxllama.sharding.ShardingPlan`, pins the new cache to the plan's layout when the
+    arrays live on a mesh.
     """
     b, t = tokens.shape
     dtype = params.embed.dtype
@@ -264,6 +277,8 @@ def forward(
         k = apply_rope(k, cos, sin, config.rope_style)
         k_cache = _write_cache(cache.k[i], jnp.swapaxes(k, 1, 2), positions)
         v_cache = _write_cache(cache.v[i], jnp.swapaxes(v, 1, 2), positions)
+        if shard is not None:
+            k_cache, v_cache = shard.constrain_cache(k_cache), shard.constrain_cache(v_cache)
         new_k.append(k_cache)
         new_v.append(v_cache)
         attn = _attention(
@@ -287,19 +302,20 @@ def forward(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "attention_impl", "attend_len", "all_logits"),
+    static_argnames=("config", "attention_impl", "attend_len", "all_logits", "shard"),
     donate_argnames=("cache",),
 )
 def prefill(params, tokens, cache, num_new, *, config, attention_impl="xla", attend_len=None,
-            all_logits=False):
+            all_logits=False, shard=None):
     """Jitted `forward` over a padded prompt chunk; the cache is donated."""
     return forward(params, tokens, cache, num_new, config=config, attention_impl=attention_impl,
-                   attend_len=attend_len, all_logits=all_logits)
+                   attend_len=attend_len, all_logits=all_logits, shard=shard)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention_impl"), donate_argnames=("cache",))
-def decode_step(params, token, cache, active=None, *, config, attention_impl="xla"):
+@functools.partial(jax.jit, static_argnames=("config", "attention_impl", "shard"),
+                   donate_argnames=("cache",))
+def decode_step(params, token, cache, active=None, *, config, attention_impl="xla", shard=None):
     """One token per row, token (B,) -> logits (B, V). Rows with active False do not advance."""
     num_new = jnp.ones_like(token, jnp.int32) if active is None else active.astype(jnp.int32)
     return forward(params, token[:, None], cache, num_new, config=config,
-                   attention_impl=attention_impl)
+                   attention_impl=attention_impl, shard=shard)

@@ -18,6 +18,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from gguf import GGML_QUANT_SIZES
+from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from jaxllama.errors import (
@@ -28,9 +30,10 @@ from jaxllama.errors import (
     UnsupportedTensorTypeError,
 )
 from jaxllama.gguf import dequant
-from jaxllama.gguf.reader import GGUFFile, read_gguf
+from jaxllama.gguf.reader import GGUFFile, GGUFTensor, read_gguf
 from jaxllama.models.config import ModelConfig, ModelType, check_config_matches, config_from_gguf
 from jaxllama.models.transformer import LayerParams, Params
+from jaxllama.sharding import ShardingPlan
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -42,6 +45,7 @@ class LoadedModel:
     metadata: dict[str, Any]
     path: Path
     dtype: Any
+    plan: ShardingPlan | None = None  # the mesh and rule the params are placed by
 
     @property
     def model_type(self) -> ModelType:
@@ -179,28 +183,80 @@ def check_device_memory(needed: int, where: str) -> None:
         )
 
 
+def _bounds(index: slice, size: int) -> tuple[int, int]:
+    start, stop, _ = index.indices(size)
+    return start, stop
+
+
+def _decode_shard(t: GGUFTensor, rows: tuple[int, int] | None, shape: tuple[int, ...],
+                  index: tuple[slice, ...], dtype, device) -> jax.Array:
+    """The part `index` of the field `shape` (tensor `t`, rows `rows` of it), decoded on
+    `device` from just the bytes that part needs."""
+    data = t.data if t.data.ndim == 2 else t.data.reshape(1, -1)  # (rows, units per row)
+    if len(shape) == 2:
+        r0, r1 = _bounds(index[0], shape[0])
+        c0, c1 = _bounds(index[1], shape[1])
+    else:
+        r0, r1 = 0, 1
+        c0, c1 = _bounds(index[0], shape[0])
+    if rows is not None:
+        r0, r1 = r0 + rows[0], r1 + rows[0]
+    cols = t.shape[-1]
+    block = GGML_QUANT_SIZES[t.qtype][0]
+    units_per_block = data.shape[1] // (cols // block)
+    part_shape = (r1 - r0, c1 - c0) if len(shape) == 2 else (c1 - c0,)
+    if c0 % block == 0 and c1 % block == 0:  # whole blocks: decode only this slice
+        part = data[r0:r1, c0 // block * units_per_block: c1 // block * units_per_block]
+        return dequant.dequantize(part, t.qtype, part_shape, dtype, name=t.name, device=device)
+    full = dequant.dequantize(data[r0:r1], t.qtype, (r1 - r0, cols), dtype, name=t.name,
+                              device=device)
+    return full[:, c0:c1].reshape(part_shape)
+
+
+def _place_field(t: GGUFTensor, rows: tuple[int, int] | None, dtype,
+                 sharding: NamedSharding) -> jax.Array:
+    """One params field as a global array on `sharding`, built shard by shard: each device
+    decodes only its own part, so no device ever holds the whole tensor (unless the rule
+    replicates it)."""
+    shape = ((rows[1] - rows[0],) + t.shape[1:]) if rows is not None else t.shape
+    decoded: dict[tuple, jax.Array] = {}
+    shards = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple(_bounds(i, n) for i, n in zip(index, shape))
+        if key in decoded:  # a replica of a part already decoded: copy it over
+            shards.append(jax.device_put(decoded[key], device))
+        else:
+            decoded[key] = _decode_shard(t, rows, shape, index, dtype, device)
+            shards.append(decoded[key])
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
 def load_gguf(
     path: str | os.PathLike | GGUFFile,
     config: ModelConfig | None = None,
     *,
     dtype: Any = None,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> LoadedModel:
-    """Load a GGUF file onto the default device.
+    """Load a GGUF file onto the default device, or onto `mesh`'s devices.
 
     With `config`, the file's own config must agree with it field by field (an error
     names the field and both values); without, the config is read from the file.
-    `dtype` defaults to `default_dtype()`.
+    `dtype` defaults to `default_dtype()`. With a `mesh` (axes "data" and "model", see
+    `jaxllama.sharding`), each tensor is streamed to its shards: every device decodes
+    only the rows/columns it holds, straight from the file's bytes.
     """
     gguf_file = path if isinstance(path, GGUFFile) else read_gguf(path)
     file_config = config_from_gguf(gguf_file)
     if config is not None:
         check_config_matches(config, file_config, str(gguf_file.path))
     config = file_config
+    plan = None if mesh is None else ShardingPlan(mesh, config)
     dtype = jnp.dtype(dtype or default_dtype())
     shapes = check_tensors(gguf_file, config)
-    check_device_memory(sum(math.prod(s) for s in shapes.values()) * dtype.itemsize,
-                        str(gguf_file.path))
+    check_device_memory(sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
+                        // (1 if plan is None else plan.model_size), str(gguf_file.path))
 
     made: list[jax.Array] = []
 
@@ -211,23 +267,41 @@ def load_gguf(
         bar.update(1)
         return arr
 
+    def place(name: str, rows, sharding: NamedSharding) -> jax.Array:
+        arr = _place_field(gguf_file.tensors[name], rows, dtype, sharding)
+        made.append(arr)
+        return arr
+
     try:
         with tqdm(total=len(shapes), desc=f"loading {gguf_file.path.name}", unit="tensor",
                   disable=not progress, leave=False) as bar:
-            embed = load("token_embd.weight")
+            if plan is None:
+                top = lambda field, name: load(name)  # noqa: E731
+            else:
+                def top(field, name):
+                    bar.update(1)
+                    return place(name, None, plan.top_sharding(field, len(gguf_file.tensors[name].shape)))
+            embed = top("embed", "token_embd.weight")
             layers = []
             for i in range(config.num_layers):
                 fields, cache = {}, {}
-                for field, (name, rows) in _layer_plan(gguf_file, config, i).items():
+                plan_i = _layer_plan(gguf_file, config, i)
+                for field, (name, rows) in plan_i.items():
+                    if plan is not None:
+                        ndim = len(gguf_file.tensors[name].shape)
+                        fields[field] = place(name, rows, plan.layer_sharding(field, ndim))
+                        continue
                     if name not in cache:
                         cache[name] = load(name)
                     fields[field] = cache[name] if rows is None else cache[name][rows[0]:rows[1]]
+                if plan is not None:
+                    bar.update(len({name for name, _ in plan_i.values()}))
                 layers.append(LayerParams(**fields))
             params = Params(
                 embed=embed,
                 layers=tuple(layers),
-                final_norm=load("output_norm.weight"),
-                output=None if config.tied_output else load("output.weight"),
+                final_norm=top("final_norm", "output_norm.weight"),
+                output=None if config.tied_output else top("output", "output.weight"),
             )
             # Fused tensors were sliced into copies: free the fused originals now.
             keep = {id(x) for x in jax.tree_util.tree_leaves(params)}
@@ -240,7 +314,7 @@ def load_gguf(
                 arr.delete()
         raise
     return LoadedModel(config=config, params=params, metadata=gguf_file.metadata,
-                       path=gguf_file.path, dtype=dtype)
+                       path=gguf_file.path, dtype=dtype, plan=plan)
 
 
 class FamilyLoader:
@@ -255,7 +329,7 @@ class FamilyLoader:
         self.__name__ = self.__qualname__ = name
 
     def load_to_vram(self, path: str | os.PathLike, config: ModelConfig | None = None, *,
-                     dtype: Any = None, progress: bool = True) -> LoadedModel:
+                     dtype: Any = None, progress: bool = True, mesh: Mesh | None = None) -> LoadedModel:
         if config is not None and config.model_type != self.model_type:
             raise InvalidModelType(
                 config.model_type, f"{self.__name__} loads {self.model_type.name} models"
@@ -267,7 +341,7 @@ class FamilyLoader:
                 file_type, f"{gguf_file.path} holds a {file_type.name} model; "
                 f"{self.__name__} loads {self.model_type.name} models"
             )
-        return load_gguf(gguf_file, config, dtype=dtype, progress=progress)
+        return load_gguf(gguf_file, config, dtype=dtype, progress=progress, mesh=mesh)
 
     def __repr__(self) -> str:
         return self.__name__
