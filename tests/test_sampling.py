@@ -313,7 +313,7 @@ def test_filters_match_transformers_warpers():
 
 @settings(max_examples=50, deadline=None)
 @given(
-    logits=st.lists(st.sampled_from([0.0, -0.0]) | st.floats(-30, 30, allow_subnormal=False),
+    logits=st.lists(st.sampled_from([0.0, -0.0]) | st.floats(-30, 30, width=32, allow_subnormal=False),
                     min_size=12, max_size=12),
     history=st.lists(st.integers(0, 11), min_size=1, max_size=20),
     penalty=st.floats(0.05, 5.0),
