@@ -38,7 +38,13 @@ from jaxllama.errors import InvalidRequestError
 from jaxllama.models import LlamaInferenceAdapter, LoadedModel
 from jaxllama.models.config import ModelConfig
 from jaxllama.models.random_weights import random_model, synthetic_tokenizer_metadata
-from jaxllama.models.weights import default_dtype, free_device_memory, load_gguf
+from jaxllama.models.weights import (
+    default_dtype,
+    free_device_memory,
+    load_gguf,
+    quantize_params,
+    resolve_weights,
+)
 
 # The event jax.monitoring records for every XLA backend compilation, with the jitted
 # function's name (jax/_src/dispatch.py BACKEND_COMPILE_EVENT, seen in jax 0.10.2; it fires
@@ -169,10 +175,24 @@ def preset_config(name: str) -> ModelConfig:
     return getattr(getattr(family, cls), method)()
 
 
-def load_model(args, dtype) -> tuple[LoadedModel, str]:
-    """The model to run and a one-line description of where its weights came from."""
+def _random(config, dtype, mode, args) -> LoadedModel:
+    model = random_model(config, dtype, args.seed)
+    if mode is None:
+        return model
+    params = quantize_params(model.params, mode)
+    kept = {id(x) for x in jax.tree_util.tree_leaves(params)}  # norms are shared
+    for leaf in jax.tree_util.tree_leaves(model.params):
+        if id(leaf) not in kept:
+            leaf.delete()
+    return dataclasses.replace(model, params=params, weights=mode)
+
+
+def load_model(args, dtype, weights: str | None = None) -> tuple[LoadedModel, str]:
+    """The model to run and a one-line description of where its weights came from.
+    `weights` as `load_gguf` takes it (None: dense at `dtype`)."""
+    dtype, mode = resolve_weights(weights, dtype)
     if args.preset is not None:
-        return (random_model(preset_config(args.preset), dtype, args.seed),
+        return (_random(preset_config(args.preset), dtype, mode, args),
                 f"preset {args.preset}, random weights (seed {args.seed})")
     path = hub.resolve(args.model or hub.DEFAULT_MODEL)
     if args.random_weights:
@@ -180,8 +200,9 @@ def load_model(args, dtype) -> tuple[LoadedModel, str]:
         from jaxllama.models.config import config_from_gguf
 
         config = config_from_gguf(read_gguf(path))
-        return random_model(config, dtype, args.seed), f"{path.name}'s shape, random weights (seed {args.seed})"
-    model = load_gguf(path, dtype=dtype, progress=False)
+        return (_random(config, dtype, mode, args),
+                f"{path.name}'s shape, random weights (seed {args.seed})")
+    model = load_gguf(path, dtype=dtype, weights=mode, progress=False)
     # Token ids in, token ids out: a placeholder tokenizer without end-of-generation ids,
     # so that no row stops early and every timed step is a full batch.
     model = dataclasses.replace(model, metadata=synthetic_tokenizer_metadata(model.config.vocab_size))
@@ -423,38 +444,45 @@ def _run(args, log: CompileLog, out) -> int:
     out(f"compile event: {BACKEND_COMPILE_EVENT} ({'verified: fires' if fired else 'NOT seen: counts below are 0'})")
     cache_dir = compilation_cache.directory()
     out(f"persistent compilation cache: {cache_dir if cache_dir else 'off'}")
-    dtype = _parse_dtype(args.dtype)
+    dtype = None if args.dtype is None else _parse_dtype(args.dtype)
 
     bw, buf = copy_bandwidth()
     args.bandwidth = bw
     out(f"copy bandwidth: {bw / 1e9:,.1f} GB/s (bytes read + written by a jitted x + 1 over a "
         f"{buf / 2**20:.0f} MiB uint32 buffer, best of {BANDWIDTH_REPEATS})")
 
-    start = time.perf_counter()
-    model, source = load_model(args, dtype)
-    jax.block_until_ready(model.params)
-    c = model.config
-    out(f"model: {source}; {c.arch}, {c.num_layers} layers, hidden {c.hidden_dim}, heads {c.num_heads}/"
-        f"{c.num_kv_heads} kv, vocab {c.vocab_size}; {jnp.dtype(model.dtype).name}, weights "
-        f"{_gb(model.nbytes())} (made/loaded in {time.perf_counter() - start:.1f} s)")
-    out(f"decode reads per step: weights {_gb(decode_weight_bytes(model))} (layers, final norm, "
-        f"output projection{' = tied embedding' if c.tied_output else ''}) + KV cache "
-        f"{kv_bytes_per_token(c, model.dtype) / 1e3:.1f} kB per cached token per row")
-    out(f"settings: batch {' '.join(map(str, args.batch))}, prompt {args.prompt_len} tokens, "
-        f"{args.decode_tokens} decode tokens, {args.repeats} repeats ({note})")
-    slots = cache_slots(c, args.prompt_len + args.decode_tokens)
-    out(f"KV cache: {slots} slots per row allocated; 'bytes read per step' counts the filled "
-        f"slots only (an attention that reads all {slots} slots, masked, reads more)")
-
     tuned = "xla" if jax.default_backend() == "cpu" else "pallas"  # the adapter's rule for None
     out(f"attention: default path = {tuned!r} (LlamaInferenceAdapter picks 'pallas' on GPU, 'xla' on CPU)")
-    runs = [(None, f"default:{tuned}")]
+    impls = [(None, f"default:{tuned}")]
     if args.compare_xla:
         if tuned == "xla":
             out("--compare-xla: the default path is already 'xla' on this backend; it is not run twice")
         else:
-            runs.append(("xla", "xla"))
-    results = [bench_impl(model, impl, label, args, log, out) for impl, label in runs]
+            impls.append(("xla", "xla"))
+    results = []
+    for weights in args.weights or [None]:
+        start = time.perf_counter()
+        model, source = load_model(args, dtype, weights)
+        jax.block_until_ready(model.params)
+        c = model.config
+        stored = (jnp.dtype(model.dtype).name if model.weights == "dense"
+                  else f"{model.weights} weights, compute {jnp.dtype(model.dtype).name}")
+        out(f"model: {source}; {c.arch}, {c.num_layers} layers, hidden {c.hidden_dim}, heads {c.num_heads}/"
+            f"{c.num_kv_heads} kv, vocab {c.vocab_size}; {stored}, weights "
+            f"{_gb(model.nbytes())} (made/loaded in {time.perf_counter() - start:.1f} s)")
+        out(f"decode reads per step: weights {_gb(decode_weight_bytes(model))} (layers, final norm, "
+            f"output projection{' = tied embedding' if c.tied_output else ''}) + KV cache "
+            f"{kv_bytes_per_token(c, model.dtype) / 1e3:.1f} kB per cached token per row")
+        if not results:
+            out(f"settings: batch {' '.join(map(str, args.batch))}, prompt {args.prompt_len} tokens, "
+                f"{args.decode_tokens} decode tokens, {args.repeats} repeats ({note})")
+            slots = cache_slots(c, args.prompt_len + args.decode_tokens)
+            out(f"KV cache: {slots} slots per row allocated; 'bytes read per step' counts the filled "
+                f"slots only (an attention that reads all {slots} slots, masked, reads more)")
+        prefix = "" if weights is None else f"{weights} "
+        results += [bench_impl(model, impl, prefix + label, args, log, out) for impl, label in impls]
+        for leaf in jax.tree_util.tree_leaves(model.params):
+            leaf.delete()
 
     if cache_dir:
         out(f"persistent compilation cache: {log.cache_hits} hits, {log.cache_misses} misses this run "

@@ -32,6 +32,10 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
                    help=f"packaged model name or GGUF path (default: {hub.DEFAULT_MODEL})")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weight dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default=None,
+                   help="matmul weight storage: f32/bf16/f16 dense, or int8/int4/native kept "
+                        "quantized on the device (native: each GGUF type's nearest); "
+                        "activations stay in --dtype")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +57,8 @@ BENCH_PRESETS = {
     "smollm2-135m": ("llama", "Llama3Config", "smollm2_135m"),
 }
 COMPILATION_CACHE_ENV = "JAXLLAMA_COMPILATION_CACHE"  # jaxllama.compilation_cache.ENV_VAR
+# jaxllama.models.weights.WEIGHT_OPTIONS (spelled out so --help does not import JAX)
+WEIGHT_CHOICES = ("f32", "bf16", "f16", "int8", "int4", "native")
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,6 +75,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
     p.add_argument("--dtype", choices=["bf16", "f32", "bfloat16", "float32"], default=None,
                    help="weight and KV-cache dtype (default: f32 on CPU, bf16 on GPU)")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, nargs="+", default=None, metavar="W",
+                   help="weight storages to time one after another, e.g. 'bf16 int8 int4' "
+                        f"(choices {', '.join(WEIGHT_CHOICES)}; native needs a file, not random "
+                        "weights; default: dense at --dtype)")
     p.add_argument("--batch", type=int, nargs="+", default=None, metavar="B",
                    help="batch sizes to time decode at (default: 1 8 32 128 on GPU, 1 4 on CPU)")
     p.add_argument("--prompt-len", type=int, default=None,
@@ -144,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _adapter(args):
     from jaxllama.models import LlamaInferenceAdapter
 
-    return LlamaInferenceAdapter.from_gguf(args.model, dtype=args.dtype, progress=True)
+    return LlamaInferenceAdapter.from_gguf(args.model, dtype=args.dtype, weights=args.weights,
+                                           progress=True)
 
 
 def _forward_config(args):

@@ -127,6 +127,16 @@ class ShardingPlan:
     def top_sharding(self, field: str, ndim: int) -> NamedSharding:
         return self.named(self._spec(_TOP_RULES[field], ndim))
 
+    def quantized_sharding(self, field: str, shape: tuple[int, int]) -> NamedSharding:
+        """The layout of a quantized (out, in) field; its codes, scales and mins all take
+        it. A split of the in axis must give each device whole 32-element blocks, else the
+        field is replicated."""
+        rule = _LAYER_RULES.get(field) or _TOP_RULES[field]
+        spec = self._spec(rule, 2)
+        if spec == P(None, MODEL) and shape[1] % (32 * self.model_size):
+            spec = P()
+        return self.named(spec)
+
     def kv_split(self) -> bool:
         return self._splits("kv_heads")
 
@@ -157,19 +167,25 @@ class ShardingPlan:
     def param_shardings(self, params) -> Any:
         """The NamedSharding of every leaf of a `Params` tree, as the same tree."""
         from jaxllama.models.transformer import Params
+        from jaxllama.quant import QuantizedWeight
+
+        def one(field, value, layer_field: bool):
+            if value is None:
+                return None
+            if isinstance(value, QuantizedWeight):
+                sh = self.quantized_sharding(field, value.shape)
+                return value.replace(q=sh, scales=sh, mins=None if value.mins is None else sh)
+            return (self.layer_sharding if layer_field else self.top_sharding)(field, value.ndim)
 
         layers = tuple(
-            type(layer)(**{
-                f.name: None if getattr(layer, f.name) is None
-                else self.layer_sharding(f.name, getattr(layer, f.name).ndim)
-                for f in dataclasses.fields(layer)
-            })
+            type(layer)(**{f.name: one(f.name, getattr(layer, f.name), True)
+                           for f in dataclasses.fields(layer)})
             for layer in params.layers
         )
         return Params(
-            embed=self.top_sharding("embed", 2), layers=layers,
-            final_norm=self.top_sharding("final_norm", 1),
-            output=None if params.output is None else self.top_sharding("output", 2),
+            embed=one("embed", params.embed, False), layers=layers,
+            final_norm=one("final_norm", params.final_norm, False),
+            output=one("output", params.output, False),
         )
 
     def place(self, params) -> Any:

@@ -60,12 +60,12 @@ def hf_reference(name):
     return _LAZY.get(("hf", name), make)
 
 
-def jax_adapter(name, dtype="float32"):
-    """A jaxllama adapter for a packaged model (cached per dtype)."""
+def jax_adapter(name, dtype="float32", weights=None):
+    """A jaxllama adapter for a packaged model (cached per dtype and weights mode)."""
 
     def make():
         from jaxllama.models import LlamaInferenceAdapter
 
-        return LlamaInferenceAdapter.from_gguf(name, dtype=dtype, progress=False)
+        return LlamaInferenceAdapter.from_gguf(name, dtype=dtype, weights=weights, progress=False)
 
-    return _LAZY.get(("jax", name, dtype), make)
+    return _LAZY.get(("jax", name, dtype, weights), make)

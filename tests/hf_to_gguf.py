@@ -298,6 +298,8 @@ _QTYPES = {
     "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "Q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "Q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+    "Q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
 }
 
 
@@ -480,9 +482,9 @@ def write_gguf(
     q/k row permutation, plus the extra rope tensors (llama3: `rope_freqs.weight`; phi3 longrope:
     `rope_factors_long/short.weight`). `output.weight` is skipped when the embeddings are tied.
 
-    `qtype` ("F32", "F16" or "Q8_0") is the file type: it applies to 2-D `.weight` tensors except
-    norms; 1-D tensors, norms and biases stay F32, and a Q8_0 tensor whose rows are not a multiple of
-    32 falls back to F16, all as in the converter.
+    `qtype` ("F32", "F16", "Q8_0", "Q4_0" or "Q4_1") is the file type: it applies to 2-D `.weight` tensors except
+    norms; 1-D tensors, norms and biases stay F32, and a quantized tensor whose rows are not a multiple
+    of 32 falls back to F16, all as in the converter.
 
     `tokenizer` "gpt2": byte-level BPE (tokenizer.ggml.model "gpt2", pre-tokenizer `tokenizer_pre` or
     the architecture's usual one): ids 0-2 `<|endoftext|>` `<|im_start|>` `<|im_end|>` (control),

@@ -235,21 +235,25 @@ class LlamaInferenceAdapter:
 
     @classmethod
     def from_gguf(cls, path_or_name: str | os.PathLike, *, config: ModelConfig | None = None,
-                  dtype: Any = None, progress: bool = True, mesh=None,
-                  **kwargs) -> "LlamaInferenceAdapter":
+                  dtype: Any = None, weights: str | None = None, progress: bool = True,
+                  mesh=None, **kwargs) -> "LlamaInferenceAdapter":
         """Load a GGUF path or a packaged model name (see `jaxllama.hub`), any family.
+
+        `weights` picks how the matmul weights are held: "f32" | "bf16" | "f16" dense, or
+        "int8" | "int4" | "native" quantized on the device, multiplied by a kernel that
+        dequantizes in registers (see `jaxllama.models.weights.load_gguf`).
 
         With `mesh` (`jaxllama.sharding.make_mesh(model=..., data=...)`), the weights are
         streamed onto the mesh's devices, tensor-parallel over its `model` axis, and
         batches are split over its `data` axis (see `jaxllama.sharding`).
         """
         path = hub.resolve(path_or_name)
-        return cls.from_model(load_gguf(path, config, dtype=dtype, progress=progress, mesh=mesh),
-                              **kwargs)
+        return cls.from_model(load_gguf(path, config, dtype=dtype, weights=weights,
+                                        progress=progress, mesh=mesh), **kwargs)
 
     # ----- model information
     def is_loaded(self) -> bool:
-        return self.model is not None and not self.model.params.embed.is_deleted()
+        return self.model is not None and not self.model.params.final_norm.is_deleted()
 
     def _loaded(self) -> LoadedModel:
         if not self.is_loaded():
@@ -291,8 +295,13 @@ class LlamaInferenceAdapter:
         return (
             f"Model type: {self.model_type().name}\nVocab size: {self.vocab_size()}\n"
             f"Hidden dim: {self.hidden_dim()}\nLayers: {self.num_layers()}\n"
-            f"VRAM: {self.vram_usage() / 2**20:.1f} MB"
+            f"VRAM: {self.vram_usage() / 2**20:.1f} MB\nWeights: {self._weights_label()}"
         )
+
+    def _weights_label(self) -> str:
+        model = self._loaded()
+        dense = jnp.dtype(model.dtype).name
+        return dense if model.weights == "dense" else f"{model.weights} (compute {dense})"
 
     @functools.cached_property
     def tokenizer(self):

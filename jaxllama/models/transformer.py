@@ -8,7 +8,12 @@ Einsum letters: B batch, T query length, S key/cache length, N query heads, K kv
 G query heads per kv head, H head dim, D model dim, F ffn dim, V vocab.
 
 Layouts: projection weights are kept as GGUF/PyTorch store them, (out, in), so loading
-never transposes; `linear` contracts the `in` axis. The KV cache is (B, K, S, H) per
+never transposes; `linear` contracts the `in` axis. Any projection, the embedding table
+and the output projection may instead be a `jaxllama.quant.QuantizedWeight` (int8/int4
+codes with per-32 scales): `linear` then calls `qlinear`, which dequantizes in the
+matmul (the Pallas kernel on a GPU for up to 32 rows, XLA otherwise), and the embedding
+lookup dequantizes only the rows it gathers. Norms and biases stay dense; their dtype is
+the compute dtype (`Params.dtype`). The KV cache is (B, K, S, H) per
 layer, so one kv head's keys are contiguous for the decode kernel. Layers are a tuple,
 unrolled in Python: scanning over stacked layer weights copied each slice on GPU
 (../shared/GPU.md measured 2.4x at Phi-3 shape), and on this project's 2-core CPU a
@@ -26,6 +31,7 @@ import numpy as np
 from flax import struct
 
 from jaxllama.models.config import ROPE_INTERLEAVED, ModelConfig
+from jaxllama.quant import QuantizedWeight, qlinear
 
 Array = jax.Array
 AttentionImpl = Literal["xla", "pallas", "pallas_interpret", "cudnn"]
@@ -55,8 +61,19 @@ class Params:
     output: Array | None = None  # (V, D); None when tied to `embed`
 
     @property
-    def output_weight(self) -> Array:
+    def output_weight(self) -> Array | QuantizedWeight:
         return self.embed if self.output is None else self.output
+
+    @property
+    def dtype(self):
+        """The compute dtype: that of the dense weights (norms are never quantized)."""
+        return self.final_norm.dtype
+
+    def embed_rows(self, tokens: Array) -> Array:
+        """The embedding rows of `tokens`, float32."""
+        if isinstance(self.embed, QuantizedWeight):
+            return self.embed.take_rows(tokens, jnp.float32)
+        return jnp.take(self.embed, tokens, axis=0).astype(jnp.float32)
 
 
 @struct.dataclass
@@ -91,9 +108,9 @@ class KVCache:
         """A cache in the dtype of `params`; with `shard` (a ShardingPlan), made directly
         in its shards on the plan's mesh."""
         if shard is None:
-            return cls.create(config, batch_size, max_len, params.embed.dtype)
+            return cls.create(config, batch_size, max_len, params.dtype)
         shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
-        dtype = params.embed.dtype
+        dtype = params.dtype
         return cls(
             k=tuple(shard.zeros_cache(shape, dtype) for _ in range(config.num_layers)),
             v=tuple(shard.zeros_cache(shape, dtype) for _ in range(config.num_layers)),
@@ -106,9 +123,24 @@ class KVCache:
         return KVCache(k=tuple(map(pad, self.k)), v=tuple(map(pad, self.v)), lengths=self.lengths)
 
 
-def linear(x: Array, w: Array, b: Array | None = None) -> Array:
-    """x (..., in) times w (out, in) -> (..., out), accumulated in float32."""
-    y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32)
+def matmul_impl(attention_impl: str, shard=None) -> str:
+    """How `qlinear` multiplies by a QuantizedWeight: the fused Pallas kernel on a GPU
+    (interpreted when the attention is), XLA's dequantize-then-dot on the CPU and on a
+    mesh (GSPMD cannot split a pallas_call)."""
+    if shard is not None:
+        return "xla"
+    if attention_impl == "pallas_interpret":
+        return "pallas_interpret"
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def linear(x: Array, w: Array | QuantizedWeight, b: Array | None = None, *, impl: str = "xla") -> Array:
+    """x (..., in) times w (out, in) -> (..., out), accumulated in float32. A quantized
+    `w` goes through `qlinear(..., impl=impl)`."""
+    if isinstance(w, QuantizedWeight):
+        y = qlinear(x, w, impl=impl)
+    else:
+        y = jnp.einsum("...i,oi->...o", x, w, preferred_element_type=jnp.float32)
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)
@@ -256,7 +288,8 @@ def forward(
     arrays live on a mesh.
     """
     b, t = tokens.shape
-    dtype = params.embed.dtype
+    dtype = params.dtype
+    mm = matmul_impl(attention_impl, shard)
     num_new = num_new.astype(jnp.int32)
     start = cache.lengths
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -266,13 +299,13 @@ def forward(
 
     # The residual stream stays in float32 whatever the weights' dtype; each block's input
     # is cast to the weights' dtype after its norm (bf16 drifts far less this way).
-    x = jnp.take(params.embed, tokens, axis=0).astype(jnp.float32)
+    x = params.embed_rows(tokens)
     new_k, new_v = [], []
     for i, layer in enumerate(params.layers):
         h = rms_norm(x, layer.attn_norm, config.rms_eps).astype(dtype)
-        q = linear(h, layer.wq, layer.bq).reshape(b, t, config.num_heads, config.head_dim)
-        k = linear(h, layer.wk, layer.bk).reshape(b, t, config.num_kv_heads, config.head_dim)
-        v = linear(h, layer.wv, layer.bv).reshape(b, t, config.num_kv_heads, config.head_dim)
+        q = linear(h, layer.wq, layer.bq, impl=mm).reshape(b, t, config.num_heads, config.head_dim)
+        k = linear(h, layer.wk, layer.bk, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
+        v = linear(h, layer.wv, layer.bv, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
         q = apply_rope(q, cos, sin, config.rope_style)
         k = apply_rope(k, cos, sin, config.rope_style)
         k_cache = _write_cache(cache.k[i], jnp.swapaxes(k, 1, 2), positions)
@@ -285,17 +318,21 @@ def forward(
             attention_impl, q, k_cache[:, :, :s_read], v_cache[:, :, :s_read], start, num_new,
             positions, config, sm_scale,
         )
-        x = x + linear(attn.reshape(b, t, config.q_dim), layer.wo).astype(jnp.float32)
+        x = x + linear(attn.reshape(b, t, config.q_dim), layer.wo, impl=mm).astype(jnp.float32)
         h = rms_norm(x, layer.ffn_norm, config.rms_eps).astype(dtype)
-        gate = linear(h, layer.w_gate)
-        up = linear(h, layer.w_up)
-        x = x + linear(jax.nn.silu(gate) * up, layer.w_down).astype(jnp.float32)
+        gate = linear(h, layer.w_gate, impl=mm)
+        up = linear(h, layer.w_up, impl=mm)
+        x = x + linear(jax.nn.silu(gate) * up, layer.w_down, impl=mm).astype(jnp.float32)
 
     if not all_logits:
         last = jnp.clip(num_new - 1, 0, t - 1)
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     x = rms_norm(x, params.final_norm, config.rms_eps).astype(dtype)
-    logits = jnp.einsum("...d,vd->...v", x, params.output_weight, preferred_element_type=jnp.float32)
+    w_out = params.output_weight
+    if isinstance(w_out, QuantizedWeight):
+        logits = qlinear(x, w_out, impl=mm)
+    else:
+        logits = jnp.einsum("...d,vd->...v", x, w_out, preferred_element_type=jnp.float32)
     new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=start + num_new)
     return logits, new_cache
 

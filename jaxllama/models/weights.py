@@ -22,11 +22,13 @@ from gguf import GGML_QUANT_SIZES
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
+from jaxllama import quant
 from jaxllama.errors import (
     ConfigMismatchError,
     DeviceMemoryError,
     GGUFError,
     InvalidModelType,
+    InvalidRequestError,
     UnsupportedTensorTypeError,
 )
 from jaxllama.gguf import dequant
@@ -44,8 +46,9 @@ class LoadedModel:
     params: Params
     metadata: dict[str, Any]
     path: Path
-    dtype: Any
+    dtype: Any  # the compute dtype (that of the dense weights, norms and KV cache)
     plan: ShardingPlan | None = None  # the mesh and rule the params are placed by
+    weights: str = "dense"  # "dense" (at `dtype`) or a quantized mode: int8, int4, native
 
     @property
     def model_type(self) -> ModelType:
@@ -58,6 +61,48 @@ class LoadedModel:
 def default_dtype():
     """bfloat16 on accelerators, float32 on the CPU (where bf16 matmuls are slow)."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+# `weights=` on loading: dense at a float dtype, or kept quantized (jaxllama.quant).
+DENSE_WEIGHTS = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
+QUANTIZED_WEIGHTS = ("int8", "int4", "native")
+WEIGHT_OPTIONS = (*DENSE_WEIGHTS, *QUANTIZED_WEIGHTS)
+# The (out, in) matmul weights a quantized mode keeps quantized (norms and biases never).
+_MATMUL_FIELDS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "embed", "output"})
+
+
+def _field_mode(field: str, mode: str, qtype) -> str:
+    """The conversion mode of one field. Under "int4" the embedding and output projection
+    stay int8 unless the file already holds them in a 4-bit type (kept exactly): as in
+    llama.cpp's own 4-bit mixes, where they are Q6_K/Q8_0. Requantized to int4, the tied
+    table of SmolLM2 took its top-1 agreement with float32 from 0.98 to 0.79."""
+    if mode == "int4" and field in ("embed", "output") and qtype not in quant.EXACT_TYPES["int4"]:
+        return "int8"
+    return mode
+
+
+def resolve_weights(weights: str | None, dtype: Any) -> tuple[Any, str | None]:
+    """(compute dtype, quantized mode or None) for a `weights=` / `dtype=` pair.
+
+    weights "f32" | "bf16" | "f16" are dense weights of that dtype (a `dtype` that
+    disagrees is an error); "int8" | "int4" | "native" keep the matmul weights quantized
+    and compute in `dtype` (default `default_dtype()`); None is dense at `dtype`.
+    """
+    if weights is None:
+        return jnp.dtype(dtype or default_dtype()), None
+    if weights not in WEIGHT_OPTIONS:
+        raise InvalidRequestError(
+            f"weights={weights!r} is not supported; expected one of {', '.join(WEIGHT_OPTIONS)}"
+        )
+    if weights in DENSE_WEIGHTS:
+        want = jnp.dtype(DENSE_WEIGHTS[weights])
+        if dtype is not None and jnp.dtype(dtype) != want:
+            raise InvalidRequestError(
+                f"weights={weights!r} means {want.name} weights, but dtype={jnp.dtype(dtype).name} "
+                "was also given; pass one of them"
+            )
+        return want, None
+    return jnp.dtype(dtype or default_dtype()), weights
 
 
 # (params field, GGUF tensor suffix, row range as (start, end) in units resolved per config)
@@ -183,6 +228,22 @@ def check_device_memory(needed: int, where: str) -> None:
         )
 
 
+def quantize_params(params: Params, kind: str) -> Params:
+    """`params` with every matmul weight quantized to `kind` ("int8" | "int4"; under int4
+    the embedding and output projection go to int8, as `load_gguf` does for float tensors).
+    For weights that come without a GGUF file (random benchmark weights)."""
+    if kind not in ("int8", "int4"):
+        raise InvalidRequestError(f"quantize_params: kind {kind!r}; expected 'int8' or 'int4' "
+                                  "('native' needs the GGUF file's block types)")
+    table = "int8"
+    layers = tuple(layer.replace(**{f: quant.quantize(getattr(layer, f), kind, name=f)
+                                    for f in _MATMUL_FIELDS if hasattr(layer, f)})
+                   for layer in params.layers)
+    return params.replace(embed=quant.quantize(params.embed, table, name="embed"), layers=layers,
+                          output=None if params.output is None
+                          else quant.quantize(params.output, table, name="output"))
+
+
 def _bounds(index: slice, size: int) -> tuple[int, int]:
     start, stop, _ = index.indices(size)
     return start, stop
@@ -213,6 +274,73 @@ def _decode_shard(t: GGUFTensor, rows: tuple[int, int] | None, shape: tuple[int,
     return full[:, c0:c1].reshape(part_shape)
 
 
+def _field_shape(t: GGUFTensor, rows: tuple[int, int] | None) -> tuple[int, ...]:
+    return ((rows[1] - rows[0],) + t.shape[1:]) if rows is not None else t.shape
+
+
+def _row_range(t: GGUFTensor, rows: tuple[int, int] | None):
+    """(the stored bytes/values of rows `rows` of a 2-D tensor, their logical shape)."""
+    shape = _field_shape(t, rows)
+    return (t.data if rows is None else t.data[rows[0]:rows[1]]), shape
+
+
+_FIELD_OF = {"token_embd": "embed", "output": "output"}  # GGUF name part -> field, for _field_mode
+
+
+def _estimate_bytes(gguf_file: GGUFFile, shapes: dict[str, tuple[int, ...]], dtype, mode) -> float:
+    """Device bytes the loaded params will take (quantized tensors at their kind's size)."""
+    total = 0.0
+    for name, shape in shapes.items():
+        t = gguf_file.tensors[name]
+        kind = (quant.kind_for(t.qtype, _field_mode(_FIELD_OF.get(name.split(".")[-2], ""), mode, t.qtype))
+                if mode is not None and len(shape) == 2 else None)
+        total += math.prod(shape) * (quant.BYTES_PER_WEIGHT[kind] if kind else dtype.itemsize)
+    return total
+
+
+def _place_quantized(t: GGUFTensor, rows: tuple[int, int] | None, mode: str,
+                     sharding: NamedSharding) -> quant.QuantizedWeight:
+    """A quantized field on `sharding` (the logical (out, in) layout; its codes, scales and
+    mins split the same way), each device converting only its own rows / whole blocks."""
+    shape = _field_shape(t, rows)
+    gblock = GGML_QUANT_SIZES[t.qtype][0]
+    parts: dict[tuple, quant.QuantizedWeight] = {}
+    shards = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        (r0, r1), (c0, c1) = (_bounds(i, n) for i, n in zip(index, shape))
+        key = (r0, r1, c0, c1)
+        if key in parts:
+            part = jax.tree_util.tree_map(lambda a: jax.device_put(a, device), parts[key])
+        else:
+            raw, _ = _row_range(t, (r0 + (rows[0] if rows else 0), r1 + (rows[0] if rows else 0)))
+            if (c0, c1) == (0, shape[1]):
+                part = quant.from_gguf_blocks(raw, t.qtype, (r1 - r0, shape[1]), mode, name=t.name,
+                                              device=device)
+            elif c0 % gblock == 0 and c1 % gblock == 0:  # whole GGUF blocks: convert only these
+                units = raw.shape[1] // (shape[1] // gblock)
+                part = quant.from_gguf_blocks(raw[:, c0 // gblock * units: c1 // gblock * units],
+                                              t.qtype, (r1 - r0, c1 - c0), mode, name=t.name,
+                                              device=device)
+            else:  # a split inside a GGUF block (Q4_K's 256): convert the rows, keep our blocks
+                whole = quant.from_gguf_blocks(raw, t.qtype, (r1 - r0, shape[1]), mode,
+                                               name=t.name, device=device)
+                part = whole.slice_columns(c0, c1)
+            parts[key] = part
+        shards.append(part)
+    kind = shards[0].kind
+    nb = -(-shape[1] // quant.BLOCK)
+    q_cols = nb * quant.BLOCK if kind == "int8" else nb * quant.BLOCK // 2
+
+    def glue(get, cols):
+        arrays = [get(p) for p in shards]
+        if arrays[0] is None:
+            return None
+        return jax.make_array_from_single_device_arrays((shape[0], cols), sharding, arrays)
+
+    return quant.QuantizedWeight(q=glue(lambda p: p.q, q_cols), scales=glue(lambda p: p.scales, nb),
+                                 mins=glue(lambda p: p.mins, nb), kind=kind, shape=shape)
+
+
 def _place_field(t: GGUFTensor, rows: tuple[int, int] | None, dtype,
                  sharding: NamedSharding) -> jax.Array:
     """One params field as a global array on `sharding`, built shard by shard: each device
@@ -236,6 +364,7 @@ def load_gguf(
     config: ModelConfig | None = None,
     *,
     dtype: Any = None,
+    weights: str | None = None,
     progress: bool = True,
     mesh: Mesh | None = None,
 ) -> LoadedModel:
@@ -243,7 +372,11 @@ def load_gguf(
 
     With `config`, the file's own config must agree with it field by field (an error
     names the field and both values); without, the config is read from the file.
-    `dtype` defaults to `default_dtype()`. With a `mesh` (axes "data" and "model", see
+    `dtype` defaults to `default_dtype()`. `weights` picks the storage of the matmul
+    weights (projections, embedding, output): "f32" | "bf16" | "f16" dense, or "int8" |
+    "int4" | "native" kept quantized as `jaxllama.quant.QuantizedWeight` (the table in
+    `jaxllama.quant.formats` says which GGUF type becomes what, exactly or requantized),
+    with norms, biases, activations and the KV cache in `dtype`. With a `mesh` (axes "data" and "model", see
     `jaxllama.sharding`), each tensor is streamed to its shards: every device decodes
     only the rows/columns it holds, straight from the file's bytes.
     """
@@ -253,40 +386,63 @@ def load_gguf(
         check_config_matches(config, file_config, str(gguf_file.path))
     config = file_config
     plan = None if mesh is None else ShardingPlan(mesh, config)
-    dtype = jnp.dtype(dtype or default_dtype())
+    dtype, mode = resolve_weights(weights, dtype)
     shapes = check_tensors(gguf_file, config)
-    check_device_memory(sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
+    check_device_memory(int(_estimate_bytes(gguf_file, shapes, dtype, mode))
                         // (1 if plan is None else plan.model_size), str(gguf_file.path))
 
     made: list[jax.Array] = []
 
+    def keep(arr):
+        made.extend(jax.tree_util.tree_leaves(arr))
+        return arr
+
     def load(name: str) -> jax.Array:
         t = gguf_file.tensors[name]
         arr = dequant.dequantize(t.data, t.qtype, t.shape, dtype, name=name)
-        made.append(arr)
         bar.update(1)
-        return arr
+        return keep(arr)
 
     def place(name: str, rows, sharding: NamedSharding) -> jax.Array:
-        arr = _place_field(gguf_file.tensors[name], rows, dtype, sharding)
-        made.append(arr)
-        return arr
+        return keep(_place_field(gguf_file.tensors[name], rows, dtype, sharding))
+
+    def quantized(field: str, name: str, rows):
+        """The field kept quantized, or None where the mode keeps this tensor dense."""
+        t = gguf_file.tensors[name]
+        if mode is None or field not in _MATMUL_FIELDS:
+            return None
+        field_mode = _field_mode(field, mode, t.qtype)
+        if quant.kind_for(t.qtype, field_mode) is None:
+            return None
+        if plan is None:
+            raw, shape = _row_range(t, rows)
+            return keep(quant.from_gguf_blocks(raw, t.qtype, shape, field_mode, name=name))
+        sharding = plan.quantized_sharding(field, _field_shape(t, rows))
+        return keep(_place_quantized(t, rows, field_mode, sharding))
 
     try:
         with tqdm(total=len(shapes), desc=f"loading {gguf_file.path.name}", unit="tensor",
                   disable=not progress, leave=False) as bar:
-            if plan is None:
-                top = lambda field, name: load(name)  # noqa: E731
-            else:
-                def top(field, name):
+            def top(field, name):
+                q = quantized(field, name, None)
+                if q is not None:
                     bar.update(1)
-                    return place(name, None, plan.top_sharding(field, len(gguf_file.tensors[name].shape)))
+                    return q
+                if plan is None:
+                    return load(name)
+                bar.update(1)
+                return place(name, None, plan.top_sharding(field, len(gguf_file.tensors[name].shape)))
+
             embed = top("embed", "token_embd.weight")
             layers = []
             for i in range(config.num_layers):
                 fields, cache = {}, {}
                 plan_i = _layer_plan(gguf_file, config, i)
                 for field, (name, rows) in plan_i.items():
+                    q = quantized(field, name, rows)
+                    if q is not None:
+                        fields[field] = q
+                        continue
                     if plan is not None:
                         ndim = len(gguf_file.tensors[name].shape)
                         fields[field] = place(name, rows, plan.layer_sharding(field, ndim))
@@ -294,8 +450,8 @@ def load_gguf(
                     if name not in cache:
                         cache[name] = load(name)
                     fields[field] = cache[name] if rows is None else cache[name][rows[0]:rows[1]]
-                if plan is not None:
-                    bar.update(len({name for name, _ in plan_i.values()}))
+                # Tensors not loaded whole through `load` (which counts its own).
+                bar.update(len({name for name, _ in plan_i.values()} - set(cache)))
                 layers.append(LayerParams(**fields))
             params = Params(
                 embed=embed,
@@ -314,7 +470,7 @@ def load_gguf(
                 arr.delete()
         raise
     return LoadedModel(config=config, params=params, metadata=gguf_file.metadata,
-                       path=gguf_file.path, dtype=dtype, plan=plan)
+                       path=gguf_file.path, dtype=dtype, plan=plan, weights=mode or "dense")
 
 
 class FamilyLoader:
@@ -329,7 +485,8 @@ class FamilyLoader:
         self.__name__ = self.__qualname__ = name
 
     def load_to_vram(self, path: str | os.PathLike, config: ModelConfig | None = None, *,
-                     dtype: Any = None, progress: bool = True, mesh: Mesh | None = None) -> LoadedModel:
+                     dtype: Any = None, weights: str | None = None, progress: bool = True,
+                     mesh: Mesh | None = None) -> LoadedModel:
         if config is not None and config.model_type != self.model_type:
             raise InvalidModelType(
                 config.model_type, f"{self.__name__} loads {self.model_type.name} models"
@@ -341,7 +498,7 @@ class FamilyLoader:
                 file_type, f"{gguf_file.path} holds a {file_type.name} model; "
                 f"{self.__name__} loads {self.model_type.name} models"
             )
-        return load_gguf(gguf_file, config, dtype=dtype, progress=progress, mesh=mesh)
+        return load_gguf(gguf_file, config, dtype=dtype, weights=weights, progress=progress, mesh=mesh)
 
     def __repr__(self) -> str:
         return self.__name__

@@ -8,7 +8,16 @@
 in `jaxllama.pallas.quant_matmul`.
 """
 
-from jaxllama.quant.formats import QuantizedWeight, from_gguf_blocks, quantize
+from jaxllama.quant.formats import (
+    BLOCK,
+    BYTES_PER_WEIGHT,
+    EXACT_TYPES,
+    QuantizedWeight,
+    from_gguf_blocks,
+    kind_for,
+    quantize,
+)
 from jaxllama.quant.matmul import PALLAS_MAX_ROWS, qlinear
 
-__all__ = ["PALLAS_MAX_ROWS", "QuantizedWeight", "from_gguf_blocks", "qlinear", "quantize"]
+__all__ = ["BLOCK", "BYTES_PER_WEIGHT", "EXACT_TYPES", "PALLAS_MAX_ROWS", "QuantizedWeight", "from_gguf_blocks",
+           "kind_for", "qlinear", "quantize"]

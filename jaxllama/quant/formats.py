@@ -159,6 +159,32 @@ class QuantizedWeight:
         """The dense (out, in) weight in ``dtype``: computed in float32, then cast."""
         return _dequantize(self).astype(dtype)
 
+    def slice_columns(self, start: int, stop: int) -> QuantizedWeight:
+        """Input columns [start, stop) as a QuantizedWeight; both on block boundaries
+        (or `stop` the in dim)."""
+        if start % self.block or (stop % self.block and stop != self.shape[1]):
+            raise InvalidRequestError(
+                f"QuantizedWeight.slice_columns({start}, {stop}): expected multiples of {self.block}"
+            )
+        b0, b1 = start // self.block, -(-stop // self.block)
+        per = self.block if self.kind == "int8" else self.block // 2  # code columns per block
+        return QuantizedWeight(
+            q=self.q[:, b0 * per: b1 * per], scales=self.scales[:, b0:b1],
+            mins=None if self.mins is None else self.mins[:, b0:b1],
+            kind=self.kind, shape=(self.shape[0], stop - start), block=self.block,
+        )
+
+    def take_rows(self, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+        """Rows ``ids`` (int array of any shape) of the dense weight, (*ids.shape, in):
+        an embedding lookup that dequantizes only the rows it gathers."""
+        flat = jnp.reshape(ids, (-1,))
+        part = QuantizedWeight(
+            q=self.q[flat], scales=self.scales[flat],
+            mins=None if self.mins is None else self.mins[flat],
+            kind=self.kind, shape=(flat.shape[0], self.shape[1]), block=self.block,
+        )
+        return _dequantize(part).astype(dtype).reshape(*jnp.shape(ids), self.shape[1])
+
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -337,6 +363,19 @@ def _raw_blocks(raw, qtype: GGMLQuantizationType, shape: tuple[int, int], name: 
     return np.ascontiguousarray(raw).reshape(-1).view(np.uint8).reshape(-1, type_size)
 
 
+def kind_for(qtype: GGMLQuantizationType, mode: Mode) -> str | None:
+    """The kind ("int8"/"int4") `from_gguf_blocks` makes of a `qtype` tensor in `mode`,
+    or None where it keeps the tensor dense (a float type in mode "native")."""
+    if mode == "native":
+        if qtype in FLOAT_TYPES:
+            return None
+        return "int4" if qtype in EXACT_TYPES["int4"] else "int8"
+    return mode
+
+
+BYTES_PER_WEIGHT = {"int8": 1 + 2 / BLOCK, "int4": 0.5 + 8 / BLOCK}  # codes + scales (+ mins)
+
+
 def from_gguf_blocks(
     raw: np.ndarray,
     qtype: GGMLQuantizationType,
@@ -344,8 +383,10 @@ def from_gguf_blocks(
     mode: Mode = "native",
     *,
     name: str = "<tensor>",
+    device: jax.Device | None = None,
 ) -> QuantizedWeight | None:
-    """One GGUF tensor as a QuantizedWeight on the default device, or None.
+    """One GGUF tensor as a QuantizedWeight on `device` (default: the default device),
+    or None.
 
     Args:
       raw: the tensor's bytes as stored (what `gguf.GGUFReader` or
@@ -386,15 +427,12 @@ def from_gguf_blocks(
             f"tensor {name}: shape {tuple(shape)} is not a 2-D (out, in) weight shape"
         )
     shape = (int(shape[0]), int(shape[1]))
-    if mode == "native":
-        if qtype in FLOAT_TYPES:
-            return None
-        kind = "int4" if qtype in EXACT_TYPES["int4"] else "int8"
-    else:
-        kind = mode
+    kind = kind_for(qtype, mode)
+    if kind is None:
+        return None
     if qtype in EXACT_TYPES[kind]:
-        blocks = jax.device_put(_raw_blocks(raw, qtype, shape, name), may_alias=False)
+        blocks = jax.device_put(_raw_blocks(raw, qtype, shape, name), device, may_alias=False)
         q, scales, mins = _convert_exact(blocks, qtype=qtype, out=shape[0])
         return QuantizedWeight(q=q, scales=scales, mins=mins, kind=kind, shape=shape)
-    dense = dequantize_gguf(raw, qtype, shape, jnp.float32, name=name)
+    dense = dequantize_gguf(raw, qtype, shape, jnp.float32, name=name, device=device)
     return quantize(dense, kind, name=name)
