@@ -1,0 +1,144 @@
+"""What the compiled decode step does with its buffers, read from XLA's optimized HLO
+(issue: no hidden copies in the step).
+
+- The KV cache is donated: every layer's K and V input is aliased to an output of the
+  compiled step (`input_output_alias`), so the update is in place, not a new cache a step.
+- Layer weights are read where they lie: no copy, transpose or slice of a weight
+  parameter in the entry computation of decode_step or of the on-device generate loop
+  (scanning stacked layer weights is what produced such slices; layers are unrolled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxllama import generation
+from jaxllama.models.llama import Llama3Config
+from jaxllama.models.random_weights import random_model
+from jaxllama.models.transformer import KVCache, decode_step
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = dataclasses.replace(Llama3Config.smollm2_135m(), num_layers=LAYERS)
+    return random_model(cfg, jnp.float32, 0)
+
+
+def _entry(hlo: str) -> list[str]:
+    """The instructions of the ENTRY computation."""
+    lines = hlo.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
+    body = []
+    for line in lines[start + 1:]:
+        if line.startswith("}"):
+            break
+        body.append(line.strip())
+    return body
+
+
+def _aliased_params(hlo: str) -> set[int]:
+    header = next(line for line in hlo.splitlines() if line.startswith("HloModule"))
+    if "input_output_alias=" not in header:
+        return set()
+    aliases = header.split("input_output_alias=", 1)[1].split("entry_computation_layout", 1)[0]
+    # entries look like "{1}: (30, {}, may-alias)": output index -> (parameter, ...)
+    return {int(p) for p in re.findall(r"\{[\d,\s]*\}: \((\d+),", aliases)}
+
+
+def _param_shapes(entry: list[str]) -> dict[str, tuple[int, str]]:
+    """name -> (parameter number, shape text) for the entry's parameters."""
+    out = {}
+    for line in entry:
+        m = re.match(r"(?:ROOT )?%?([\w.\-]+) = (\S+) parameter\((\d+)\)", line)
+        if m:
+            out[m.group(1)] = (int(m.group(3)), m.group(2))
+    return out
+
+
+def _weight_ops(entry: list[str], weight_params: set[str]) -> list[str]:
+    bad = []
+    for line in entry:
+        m = re.match(r"(?:ROOT )?%?[\w.\-]+ = \S+ (copy|transpose|slice|dynamic-slice)\((.*?)\)", line)
+        if m and any(re.fullmatch(rf"%?{re.escape(p)}", a.strip()) for a in m.group(2).split(",")
+                     for p in weight_params):
+            bad.append(line[:160])
+    return bad
+
+
+def _weight_sized_buffers(hlo: str, params_tree) -> list[str]:
+    """Instructions anywhere in the module that make a weight-matrix-shaped array by copy,
+    slice, transpose or a fusion: a second copy of a weight in memory. (A lax.scan over
+    stacked layer weights shows up here as a dynamic-slice fusion of each layer's slice.)"""
+    shapes = {f"f32[{','.join(map(str, x.shape))}]" for x in jax.tree_util.tree_leaves(params_tree)
+              if x.ndim == 2}
+    pat = re.compile(r"= (f32\[[\d,]+\])\{[\d,]*\} (copy|dynamic-slice|slice|transpose|fusion)\(")
+    return [line.strip()[:160] for line in hlo.splitlines()
+            if (m := pat.search(line)) and m.group(1) in shapes]
+
+
+def _weight_param_names(params_tree, entry: list[str], first: int) -> set[str]:
+    """Entry parameters that are weight matrices (parameter numbers first.. over the
+    flattened params tree, 2-D leaves only)."""
+    leaves = jax.tree_util.tree_leaves(params_tree)
+    matrices = {first + i for i, x in enumerate(leaves) if x.ndim == 2}
+    return {name for name, (num, _) in _param_shapes(entry).items() if num in matrices}
+
+
+def test_decode_step_updates_the_cache_in_place_and_reads_weights_where_they_lie(model):
+    cfg = model.config
+    cache = KVCache.for_params(model.params, cfg, 2, 64)
+    compiled = decode_step.lower(model.params, jnp.zeros((2,), jnp.int32), cache, config=cfg).compile()
+    hlo = compiled.as_text()
+    n_params = len(jax.tree_util.tree_leaves(model.params))
+    # decode_step(params, token, cache): cache leaves k..., v..., lengths follow params and token.
+    cache_params = set(range(n_params + 1, n_params + 1 + 2 * LAYERS))
+    assert cache_params <= _aliased_params(hlo), "a K/V cache input is not aliased to an output"
+    entry = _entry(hlo)
+    weights = _weight_param_names(model.params, entry, 0)
+    assert len(weights) == 7 * LAYERS + 1  # 7 matmuls a layer + the tied embedding
+    assert _weight_ops(entry, weights) == []
+    assert _weight_sized_buffers(hlo, model.params) == []
+
+
+def test_the_check_sees_a_scan_over_stacked_weights():
+    """The detector is not blind: a lax.scan over stacked (576, 1536) weights is caught."""
+    stacked = jnp.ones((3, 576, 1536))
+
+    def scanned(ws, x):
+        return jax.lax.scan(lambda h, w: ((h @ w)[:, :576], None), x, ws)[0]
+
+    hlo = jax.jit(scanned).lower(stacked, jnp.ones((2, 576))).compile().as_text()
+    assert _weight_sized_buffers(hlo, {"w": stacked[0]}) != []
+
+
+def test_generate_loop_keeps_weights_in_place(model):
+    """The on-device loop (lax.while_loop) takes the weights as loop-invariant operands:
+    no copy or slice of any weight parameter in its entry computation, and the cache
+    passed in is donated to the loop's output."""
+    from jaxllama.models.adapter import MODEL_FUNCTIONS, AdapterForwardConfig
+
+    cfg = model.config
+    cache = KVCache.for_params(model.params, cfg, 2, 64)
+    spec, sampling = AdapterForwardConfig().sampler()
+    args = (model.params, jnp.zeros((2,), jnp.int32), cache, jax.random.PRNGKey(0), sampling, None,
+            jnp.full((2,), 8, jnp.int32), jnp.asarray([0], jnp.int32))
+    compiled = generation.generate_loop.lower(
+        *args, model_fn=MODEL_FUNCTIONS[cfg.model_type].forward, config=cfg, spec=spec,
+        attention_impl="xla", out_len=64).compile()
+    hlo = compiled.as_text()
+    entry = _entry(hlo)
+    assert any(" while(" in line for line in entry), "the loop is not an XLA while loop"
+    weights = _weight_param_names(model.params, entry, 0)
+    assert len(weights) == 7 * LAYERS + 1
+    assert _weight_ops(entry, weights) == []
+    assert _weight_sized_buffers(hlo, model.params) == []
+    n_params = len(jax.tree_util.tree_leaves(model.params))
+    cache_params = set(range(n_params + 1, n_params + 1 + 2 * LAYERS))
+    assert cache_params <= _aliased_params(hlo), "a K/V cache input is not aliased to an output"
