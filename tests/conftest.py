@@ -16,6 +16,32 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 from jaxllama import hub  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_code_after_each_file():
+    """Drop JAX's compiled executables after each test file. Hundreds of compilations
+    of 24-30-layer unrolled models otherwise stay cached for the whole session (the
+    suite's resident memory reached 21 GB of this 24 GB machine); no file reuses another
+    file's shapes much, so the recompilation this costs is small. The float models and
+    transformers references cached by `jax_adapter`/`hf_reference` stay; quantized
+    variants (seconds to load, used by one or two files) are dropped."""
+    yield
+    import gc
+
+    import jax
+
+    _LAZY.drop(lambda key: key[0] == "jax" and key[3] is not None)
+    jax.clear_caches()
+    gc.collect()
+    log = os.environ.get("JAXLLAMA_TEST_MEMLOG")
+    if log:
+        with open("/proc/self/status") as f:
+            rss = next(line.split()[1] for line in f if line.startswith("VmRSS"))
+        live = sum(x.nbytes for x in jax.live_arrays())
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} rss {int(rss) / 2**20:.2f} GiB live arrays "
+                    f"{live / 2**30:.2f} GiB\n")
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     return hub.pull("smollm2-135m-instruct")
@@ -39,6 +65,10 @@ class _Lazy:
         if key not in self._items:
             self._items[key] = make()
         return self._items[key]
+
+    def drop(self, which) -> None:
+        for key in [k for k in self._items if which(k)]:
+            del self._items[key]
 
 
 _LAZY = _Lazy()

@@ -69,7 +69,7 @@ def test_bfloat16_agrees_with_float32(name):
     f32 = jax_adapter(name)
     bf16 = jax_adapter(name, "bfloat16")
     assert bf16.model.params.embed.dtype == jnp.bfloat16
-    for text in PROMPTS[:2]:
+    for text in PROMPTS[:1]:  # (two prompts measured in RESULTS; one keeps suite time)
         ids = _ids(name, text)
         a = _all_logits(f32.model, ids)[-1]
         b = _all_logits(bf16.model, ids)[-1]

@@ -312,6 +312,8 @@ class LlamaInferenceAdapter:
     def _impl(self) -> str:
         if self.attention_impl is not None:
             return self.attention_impl
+        if self._loaded().plan is not None:
+            return "xla"  # GSPMD cannot split a pallas_call; XLA's attention partitions
         return "xla" if jax.default_backend() == "cpu" else "pallas"
 
     def _fn(self) -> Callable:
