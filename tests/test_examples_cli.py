@@ -105,6 +105,21 @@ def test_generate_streams_what_generate_text_gives(capsys):
     assert out == expected + "\n"
 
 
+def test_generate_with_quantized_weights(capsys):
+    """`--weights native` keeps SmolLM2's Q4_1/Q8_0 blocks exactly, so its greedy text is
+    the float32 path's; a storage that does not exist is refused by the parser."""
+    from conftest import jax_adapter
+
+    assert cli.main(["generate", "--weights", "native", "--prompt", "The capital of France is",
+                     "-n", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out == jax_adapter("smollm2-135m-instruct").generate_text("The capital of France is", 6) + "\n"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["generate", "--weights", "int3", "--prompt", "x"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
 def test_chat_keeps_history(monkeypatch, capsys):
     lines = iter(["What is 2 + 2?", "And times three?", "/reset", "/exit"])
     seen_histories = []
