@@ -30,9 +30,9 @@ def _bound_memory_after_each_file():
     """Keep the session's memory bounded. JAX keeps every compiled executable for the
     whole session; hundreds of compilations of 24-30-layer unrolled models took the
     suite's resident memory to 21 GB of this 24 GB machine. After a file, if the process
-    holds more than 11 GiB, drop them (later files recompile what they need: clearing
-    after every file cost the suite about 160 s;
-    the real models and references alone hold about 7 GiB after test_batch_eval). Quantized model variants (seconds to
+    holds more than 11 GiB, drop them; later files recompile what they need. (The cached
+    real models and references alone hold about 7 GiB after test_batch_eval; clearing
+    after every file cost the suite about 160 s.) Quantized model variants (seconds to
     load, used by one or two files) are always dropped; the float models and
     transformers references cached by `jax_adapter`/`hf_reference` stay."""
     yield
