@@ -8,6 +8,8 @@ as it is instead of undoing the permutation. Llama 3.1+ frequency scaling comes 
 
 from __future__ import annotations
 
+import dataclasses
+
 from jaxllama.models.config import ROPE_INTERLEAVED, ModelConfig, ModelType, llama3_freq_factors
 from jaxllama.models.transformer import decode_step, forward, prefill  # noqa: F401  (this family's model functions)
 from jaxllama.models.weights import FamilyLoader
@@ -28,11 +30,9 @@ class Llama3Config:
 
     @staticmethod
     def llama3_70b() -> ModelConfig:
-        return ModelConfig(
-            arch="llama", vocab_size=128256, hidden_dim=8192, num_layers=80, num_heads=64,
-            num_kv_heads=8, head_dim=128, ffn_dim=28672, rms_eps=1e-5, context_length=8192,
-            rope_theta=500000.0, rope_style=ROPE_INTERLEAVED,
-        )
+        """Llama 3 8B's recipe at 70B width and depth."""
+        return dataclasses.replace(Llama3Config.llama3_8b(), hidden_dim=8192, num_layers=80,
+                                   num_heads=64, ffn_dim=28672)
 
     @staticmethod
     def llama3_2_1b() -> ModelConfig:

@@ -74,8 +74,8 @@ _MATMUL_FIELDS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", 
 def _field_mode(field: str, mode: str, qtype) -> str:
     """The conversion mode of one field. Under "int4" the embedding and output projection
     stay int8 unless the file already holds them in a 4-bit type (kept exactly): as in
-    llama.cpp's own 4-bit mixes, where they are Q6_K/Q8_0. Requantized to int4, the tied
-    table of SmolLM2 took its top-1 agreement with float32 from 0.98 to 0.79."""
+    llama.cpp's own 4-bit mixes, where they are Q6_K/Q8_0. Requantized to int4, SmolLM2's
+    tied table gave top-1 agreement with float32 0.79, against 1.00 kept at int8."""
     if mode == "int4" and field in ("embed", "output") and qtype not in quant.EXACT_TYPES["int4"]:
         return "int8"
     return mode
@@ -235,18 +235,29 @@ def quantize_params(params: Params, kind: str) -> Params:
     if kind not in ("int8", "int4"):
         raise InvalidRequestError(f"quantize_params: kind {kind!r}; expected 'int8' or 'int4' "
                                   "('native' needs the GGUF file's block types)")
-    table = "int8"
-    layers = tuple(layer.replace(**{f: quant.quantize(getattr(layer, f), kind, name=f)
-                                    for f in _MATMUL_FIELDS if hasattr(layer, f)})
+    def q(field, w):
+        return quant.quantize(w, _field_mode(field, kind, None), name=field)
+
+    layers = tuple(layer.replace(**{f: q(f, getattr(layer, f)) for f in _MATMUL_FIELDS
+                                    if hasattr(layer, f)})
                    for layer in params.layers)
-    return params.replace(embed=quant.quantize(params.embed, table, name="embed"), layers=layers,
-                          output=None if params.output is None
-                          else quant.quantize(params.output, table, name="output"))
+    return params.replace(embed=q("embed", params.embed), layers=layers,
+                          output=None if params.output is None else q("output", params.output))
 
 
 def _bounds(index: slice, size: int) -> tuple[int, int]:
     start, stop, _ = index.indices(size)
     return start, stop
+
+
+def _column_blocks(data, t: GGUFTensor, c0: int, c1: int):
+    """Columns [c0, c1) of rows `data` of `t`'s stored blocks, or None when the range
+    cuts a GGUF block (then the caller converts whole rows and slices)."""
+    block = GGML_QUANT_SIZES[t.qtype][0]
+    if c0 % block or c1 % block:
+        return None
+    units = data.shape[1] // (t.shape[-1] // block)  # stored units (bytes/values) per block
+    return data[:, c0 // block * units: c1 // block * units]
 
 
 def _decode_shard(t: GGUFTensor, rows: tuple[int, int] | None, shape: tuple[int, ...],
@@ -263,11 +274,9 @@ def _decode_shard(t: GGUFTensor, rows: tuple[int, int] | None, shape: tuple[int,
     if rows is not None:
         r0, r1 = r0 + rows[0], r1 + rows[0]
     cols = t.shape[-1]
-    block = GGML_QUANT_SIZES[t.qtype][0]
-    units_per_block = data.shape[1] // (cols // block)
     part_shape = (r1 - r0, c1 - c0) if len(shape) == 2 else (c1 - c0,)
-    if c0 % block == 0 and c1 % block == 0:  # whole blocks: decode only this slice
-        part = data[r0:r1, c0 // block * units_per_block: c1 // block * units_per_block]
+    part = _column_blocks(data[r0:r1], t, c0, c1)
+    if part is not None:  # whole blocks: decode only this slice
         return dequant.dequantize(part, t.qtype, part_shape, dtype, name=t.name, device=device)
     full = dequant.dequantize(data[r0:r1], t.qtype, (r1 - r0, cols), dtype, name=t.name,
                               device=device)
@@ -298,35 +307,42 @@ def _estimate_bytes(gguf_file: GGUFFile, shapes: dict[str, tuple[int, ...]], dty
     return total
 
 
+def _shards(shape: tuple[int, ...], sharding: NamedSharding, make) -> list:
+    """One part per addressable device of `sharding` over a field of `shape`:
+    make(bounds, device) for the first device holding each distinct part, a
+    device-to-device copy of it for the replicas. `bounds` is ((start, stop), ...) per axis."""
+    made: dict[tuple, Any] = {}
+    parts = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        bounds = tuple(_bounds(i, n) for i, n in zip(index, shape))
+        if bounds in made:
+            parts.append(jax.tree_util.tree_map(lambda a: jax.device_put(a, device), made[bounds]))
+        else:
+            made[bounds] = make(bounds, device)
+            parts.append(made[bounds])
+    return parts
+
+
 def _place_quantized(t: GGUFTensor, rows: tuple[int, int] | None, mode: str,
                      sharding: NamedSharding) -> quant.QuantizedWeight:
     """A quantized field on `sharding` (the logical (out, in) layout; its codes, scales and
     mins split the same way), each device converting only its own rows / whole blocks."""
     shape = _field_shape(t, rows)
-    gblock = GGML_QUANT_SIZES[t.qtype][0]
-    parts: dict[tuple, quant.QuantizedWeight] = {}
-    shards = []
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
-        (r0, r1), (c0, c1) = (_bounds(i, n) for i, n in zip(index, shape))
-        key = (r0, r1, c0, c1)
-        if key in parts:
-            part = jax.tree_util.tree_map(lambda a: jax.device_put(a, device), parts[key])
-        else:
-            raw, _ = _row_range(t, (r0 + (rows[0] if rows else 0), r1 + (rows[0] if rows else 0)))
-            if (c0, c1) == (0, shape[1]):
-                part = quant.from_gguf_blocks(raw, t.qtype, (r1 - r0, shape[1]), mode, name=t.name,
-                                              device=device)
-            elif c0 % gblock == 0 and c1 % gblock == 0:  # whole GGUF blocks: convert only these
-                units = raw.shape[1] // (shape[1] // gblock)
-                part = quant.from_gguf_blocks(raw[:, c0 // gblock * units: c1 // gblock * units],
-                                              t.qtype, (r1 - r0, c1 - c0), mode, name=t.name,
-                                              device=device)
-            else:  # a split inside a GGUF block (Q4_K's 256): convert the rows, keep our blocks
-                whole = quant.from_gguf_blocks(raw, t.qtype, (r1 - r0, shape[1]), mode,
-                                               name=t.name, device=device)
-                part = whole.slice_columns(c0, c1)
-            parts[key] = part
-        shards.append(part)
+    offset = rows[0] if rows else 0
+
+    def make(bounds, device):
+        (r0, r1), (c0, c1) = bounds
+        raw, _ = _row_range(t, (r0 + offset, r1 + offset))
+        part = _column_blocks(raw, t, c0, c1)
+        if part is not None:  # whole GGUF blocks (or whole rows): convert only these
+            return quant.from_gguf_blocks(part, t.qtype, (r1 - r0, c1 - c0), mode, name=t.name,
+                                          device=device)
+        # a split inside a GGUF block (Q4_K's 256): convert the rows, keep our 32-blocks
+        whole = quant.from_gguf_blocks(raw, t.qtype, (r1 - r0, shape[1]), mode, name=t.name,
+                                       device=device)
+        return whole.slice_columns(c0, c1)
+
+    shards = _shards(shape, sharding, make)
     kind = shards[0].kind
     nb = -(-shape[1] // quant.BLOCK)
     q_cols = nb * quant.BLOCK if kind == "int8" else nb * quant.BLOCK // 2
@@ -346,17 +362,13 @@ def _place_field(t: GGUFTensor, rows: tuple[int, int] | None, dtype,
     """One params field as a global array on `sharding`, built shard by shard: each device
     decodes only its own part, so no device ever holds the whole tensor (unless the rule
     replicates it)."""
-    shape = ((rows[1] - rows[0],) + t.shape[1:]) if rows is not None else t.shape
-    decoded: dict[tuple, jax.Array] = {}
-    shards = []
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
-        key = tuple(_bounds(i, n) for i, n in zip(index, shape))
-        if key in decoded:  # a replica of a part already decoded: copy it over
-            shards.append(jax.device_put(decoded[key], device))
-        else:
-            decoded[key] = _decode_shard(t, rows, shape, index, dtype, device)
-            shards.append(decoded[key])
-    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+    shape = _field_shape(t, rows)
+
+    def make(bounds, device):
+        index = tuple(slice(a, b) for a, b in bounds)
+        return _decode_shard(t, rows, shape, index, dtype, device)
+
+    return jax.make_array_from_single_device_arrays(shape, sharding, _shards(shape, sharding, make))
 
 
 def load_gguf(
@@ -376,8 +388,8 @@ def load_gguf(
     weights (projections, embedding, output): "f32" | "bf16" | "f16" dense, or "int8" |
     "int4" | "native" kept quantized as `jaxllama.quant.QuantizedWeight` (the table in
     `jaxllama.quant.formats` says which GGUF type becomes what, exactly or requantized),
-    with norms, biases, activations and the KV cache in `dtype`. With a `mesh` (axes "data" and "model", see
-    `jaxllama.sharding`), each tensor is streamed to its shards: every device decodes
+    with norms, biases, activations and the KV cache in `dtype`. With a `mesh` (axes
+    "data" and "model", see `jaxllama.sharding`), each tensor is streamed to its shards: every device decodes
     only the rows/columns it holds, straight from the file's bytes.
     """
     gguf_file = path if isinstance(path, GGUFFile) else read_gguf(path)
@@ -460,9 +472,9 @@ def load_gguf(
                 output=None if config.tied_output else top("output", "output.weight"),
             )
             # Fused tensors were sliced into copies: free the fused originals now.
-            keep = {id(x) for x in jax.tree_util.tree_leaves(params)}
+            kept = {id(x) for x in jax.tree_util.tree_leaves(params)}
             for arr in made:
-                if id(arr) not in keep:
+                if id(arr) not in kept:
                     arr.delete()
     except BaseException:
         for arr in made:
