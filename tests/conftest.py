@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,40 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # other test runs on the first of them, as on one device.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-from jaxllama import hub  # noqa: E402
+from jaxllama import compilation_cache, hub  # noqa: E402
+
+# The suite's persistent compilation cache (JAX's own, see jaxllama.compilation_cache):
+# most of the suite's time is XLA compiling 24-30-layer unrolled models, and the same
+# programs come back in every run. It lives outside the clone so that CI's runs on one
+# machine share it; JAXLLAMA_TEST_XLA_CACHE moves it, "off" turns it off. A stale entry
+# is never used (JAX keys entries by the program, the compile options and the jax
+# version); a corrupt one is skipped by JAX with a warning.
+_SUITE_XLA_CACHE = os.environ.get(
+    "JAXLLAMA_TEST_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxllama-test-xla"))
+if _SUITE_XLA_CACHE.strip().lower() in ("", "off", "0", "none"):
+    _SUITE_XLA_CACHE = None
+
+
+def _enable_suite_cache() -> None:
+    if _SUITE_XLA_CACHE is not None:
+        compilation_cache.enable(_SUITE_XLA_CACHE)
+        import jax
+
+        # Bounded on disk: least recently used entries go first past 8 GiB.
+        jax.config.update("jax_compilation_cache_max_size", 8 * 2**30)
+
+
+_enable_suite_cache()
+
+
+@pytest.fixture(autouse=True)
+def _restore_suite_cache():
+    """Tests that point the cache elsewhere (the CLI's and bench's own cache tests) get
+    the suite's cache back afterwards."""
+    yield
+    if _SUITE_XLA_CACHE is not None and compilation_cache.directory() != Path(
+            _SUITE_XLA_CACHE).expanduser().resolve():
+        _enable_suite_cache()
 
 
 # Resident memory above which compiled executables are dropped after a test file.
