@@ -7,7 +7,7 @@ loader all refuse it with a `GGUFError` naming what was wrong. Files laid out co
 alignment 1, 64 and 256 read the same tensors as gguf-py's `GGUFReader` and load the same
 weights, generating the same greedy tokens, as the default (32) layout.
 
-`python tests/test_gguf_layout.py` prints, for each defect, whether gguf-py's GGUFReader
+`PYTHONPATH=. python tests/test_gguf_layout.py` prints, for each defect, whether GGUFReader
 accepts it (benchmarks/RESULTS.md, "GGUF layout validation").
 """
 
@@ -207,23 +207,35 @@ def test_mesh_loading_of_a_custom_alignment(tmp_path, default_layout):
 # ---------------------------------------------------------------- against GGUFReader
 
 
-def ggufreader_verdicts() -> dict[str, str]:
-    """For each defect, what gguf-py's GGUFReader does with the file: 'accepts' or its error."""
+def defect_files(tmp: Path) -> dict[str, Path]:
+    """Every defect above as a file: ggufmake's DEFECTS and the hand-built ones."""
+    files = {d: write_tiny_gguf(tmp / f"{d}.gguf", defect=d) for d in DEFECTS}
+    files["nul_in_tensor_name"] = write_tiny_gguf(tmp / "nul.gguf", extra_tensor="odd\0.weight")
+    for name, data in (("elements_past_int64", _one_tensor_file((1 << 20,) * 4)),
+                       ("data_start_past_end", _one_tensor_file((1,), payload=3))):
+        files[name] = tmp / f"{name}.gguf"
+        files[name].write_bytes(data)
+    return files
+
+
+def verdicts(read) -> dict[str, str]:
+    """For each defect file, what `read(path)` does: 'accepts' or the error it raises."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for defect in DEFECTS:
-            path = write_tiny_gguf(Path(tmp) / f"{defect}.gguf", defect=defect)
+        for name, path in defect_files(Path(tmp)).items():
             try:
-                gguf.GGUFReader(path)
-                out[defect] = "accepts"
+                read(path)
+                out[name] = "accepts"
             except Exception as exc:  # GGUFReader raises ValueError, KeyError, ...
-                out[defect] = f"refuses: {type(exc).__name__}: {exc}"
+                out[name] = f"refuses: {type(exc).__name__}: {str(exc).replace(str(path), '<file>')}"
     return out
 
 
 if __name__ == "__main__":
     import importlib.metadata
 
-    print(f"gguf {importlib.metadata.version('gguf')}, Python {sys.version.split()[0]}")
-    for defect, verdict in ggufreader_verdicts().items():
-        print(f"{defect:22} {verdict}")
+    print(f"gguf {importlib.metadata.version('gguf')}, numpy {np.__version__}, "
+          f"Python {sys.version.split()[0]}")
+    ours = verdicts(read_gguf)
+    for name, verdict in verdicts(gguf.GGUFReader).items():
+        print(f"{name:22} GGUFReader {verdict}\n{'':22} read_gguf  {ours[name]}")
