@@ -16,7 +16,8 @@ non-empty and unique, names shorter than GGML_MAX_NAME (64, with the terminator)
 each tensor's offset is exactly the running sum of the previous tensors' sizes (in table
 order), each padded to the alignment, so no tensor overlaps another or leaves a gap. That
 last rule is what keeps a table whose offsets disagree with the data's real padding from
-loading shifted bytes as weights. GGUFReader checks none of the names or offsets.
+loading shifted bytes as weights. GGUFReader checks neither the offsets nor empty or
+long names (benchmarks/RESULTS.md, "GGUF layout validation").
 """
 
 from __future__ import annotations
