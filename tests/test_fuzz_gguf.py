@@ -13,6 +13,12 @@ time) before it takes the machine down with it. XLA's own allocations are not tr
 but the loader only dequantizes tensors whose shape matches the config and whose bytes
 lie inside the file, so those are bounded by the file's size.
 
+Files laid out at alignments 1, 32, 64 and 256 (with a 20-byte tensor, so the padding is
+not zero) have their tensor offsets and their general.alignment (value or type) mutated.
+There the property is stricter: the file loads exactly the weights of the unmutated file,
+or `read_gguf` refuses it with a `GGUFError` (any other exception fails), since a layout
+that disagrees with its data must never load shifted bytes.
+
 The plain tests below the fuzzers pin the header cases one by one: absurd lengths,
 unknown types, bad dimensions, alignment, encodings, and regressions for the bugs found
 while writing this file (each names the bug it guards).
@@ -44,7 +50,7 @@ from jaxllama.errors import GGUFError, JaxLlamaError
 from jaxllama.gguf.reader import MAX_ARRAY_DEPTH, read_gguf
 from jaxllama.models import load_gguf
 
-from ggufmake import write_tiny_gguf
+from ggufmake import ALIGNMENT_KEY, EXTRA_TENSOR, write_tiny_gguf
 
 QT = gguf.GGMLQuantizationType
 
@@ -64,6 +70,15 @@ BASES = {
     "llama-q8_0": ("llama", QT.Q8_0, True),
     "phi3-q4_0": ("phi3", QT.Q4_0, False),
 }
+# name: (arch, qtype, tied output, alignment), each with ggufmake's 20-byte extra tensor
+# after token_embd.weight, so every later offset depends on the alignment's padding.
+LAYOUT_BASES = {
+    "llama-f32-a1": ("llama", QT.F32, True, 1),
+    "llama-f32-a32": ("llama", QT.F32, True, 32),
+    "qwen2-f32-a256": ("qwen2", QT.F32, False, 256),
+    "phi3-q8_0-a64": ("phi3", QT.Q8_0, False, 64),
+}
+ALL_BASES = (*BASES, *LAYOUT_BASES)
 
 # Byte widths of the scalar GGUF value types (gguf.GGUFValueType numbers).
 _SCALAR_WIDTHS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -89,6 +104,8 @@ class Base:
     data: bytes
     header_end: int  # start of the tensor data (the tensor table end, aligned)
     fields: tuple[Field, ...]
+    alignment: int = 32
+    sizes: tuple[tuple[str, int], ...] = ()  # (tensor, bytes) in table order, from GGUFReader
 
     def kinds(self) -> list[str]:
         return sorted({f.kind for f in self.fields})
@@ -100,7 +117,7 @@ class Base:
         raise KeyError((kind, owner, nth))
 
 
-def _walk(data: bytes) -> tuple[tuple[Field, ...], int]:
+def _walk(data: bytes, alignment: int = 32) -> tuple[tuple[Field, ...], int]:
     """Independently of the reader, list the header's integer fields of a valid file."""
     fields: list[Field] = []
     pos = 4
@@ -146,19 +163,26 @@ def _walk(data: bytes) -> tuple[tuple[Field, ...], int]:
             take(8, "dim", name)
         take(4, "tensor_type", name)
         take(8, "tensor_offset", name)
-    return tuple(fields), -(-pos // 32) * 32
+    return tuple(fields), -(-pos // alignment) * alignment
 
 
 @functools.cache
 def _base(name: str) -> Base:
-    arch, qtype, tied = BASES[name]
+    if name in BASES:
+        arch, qtype, tied = BASES[name]
+        kwargs, alignment = {}, 32
+    else:
+        arch, qtype, tied, alignment = LAYOUT_BASES[name]
+        kwargs = dict(alignment=alignment, extra_tensor=EXTRA_TENSOR)
     tmp = Path(tempfile.mkdtemp(prefix="fuzz-base-"))
     try:
-        data = write_tiny_gguf(tmp / "base.gguf", arch, qtype=qtype, tied=tied).read_bytes()
+        path = write_tiny_gguf(tmp / "base.gguf", arch, qtype=qtype, tied=tied, **kwargs)
+        data = path.read_bytes()
+        sizes = tuple((t.name, int(t.n_bytes)) for t in gguf.GGUFReader(path).tensors)
     finally:
         shutil.rmtree(tmp)
-    fields, header_end = _walk(data)
-    return Base(data, header_end, fields)
+    fields, header_end = _walk(data, alignment)
+    return Base(data, header_end, fields, alignment, sizes)
 
 
 # --------------------------------------------------------------------------------------
@@ -193,6 +217,10 @@ def _apply(base: Base, ops) -> bytes:
             d[dst:dst] = bytes(d[src : src + n])
         elif kind == "delete":  # (pos, n)
             del d[args[0] : args[0] + args[1]]
+        elif kind == "relayout":  # (alignment,): every tensor offset as laid out at it
+            offsets = [f for f in base.fields if f.kind == "tensor_offset"]
+            for f, value in zip(offsets, _running_sums(base, args[0]), strict=True):
+                d[f.offset : f.offset + 8] = value.to_bytes(8, "little")
         else:
             raise AssertionError(f"unknown mutation {op}")
     return bytes(d)
@@ -267,6 +295,72 @@ def splices(draw):
             ops.append((kind, _position(draw, base), n))
         else:
             ops.append((kind, _position(draw, base), n, _position(draw, base)))
+    return name, tuple(ops)
+
+
+def _running_sums(base: Base, alignment: int) -> list[int]:
+    """The tensor offsets a table laid out at `alignment` holds."""
+    out, at = [], 0
+    for _, nbytes in base.sizes:
+        out.append(at)
+        at += -(-nbytes // alignment) * alignment
+    return out
+
+
+layout_base_names = st.sampled_from(sorted(LAYOUT_BASES))
+ALIGNMENTS = tuple(1 << k for k in range(13))  # 1 .. 4096
+
+
+@st.composite
+def offset_mutations(draw):
+    """Tensor offsets moved: by a little, by alignments, onto another tensor's, swapped, or
+    the whole table laid out at another alignment than the data (alignment unchanged)."""
+    name = draw(st.one_of(layout_base_names, base_names))
+    base = _base(name)
+    offsets = [f for f in base.fields if f.kind == "tensor_offset"]
+    values = [int.from_bytes(base.data[f.offset : f.offset + 8], "little") for f in offsets]
+    ops = []
+    for _ in range(draw(st.integers(1, 3))):
+        how = draw(st.sampled_from(("nudge", "align", "other", "swap", "relayout", "boundary")))
+        i = draw(st.integers(0, len(offsets) - 1))
+        f = offsets[i]
+        if how == "relayout":
+            ops.append(("relayout", draw(st.sampled_from(ALIGNMENTS))))
+            continue
+        if how == "swap":
+            j = draw(st.integers(0, len(offsets) - 1))
+            ops.append(("field", "tensor_offset", f.owner, 0, 8, values[j]))
+            ops.append(("field", "tensor_offset", offsets[j].owner, 0, 8, values[i]))
+            continue
+        if how == "nudge":
+            step = draw(st.integers(1, 2 * base.alignment + 1))
+            value = values[i] + (step if draw(st.booleans()) else -step)
+        elif how == "align":
+            value = values[i] + base.alignment * draw(st.sampled_from((-2, -1, 1, 2, 64)))
+        elif how == "other":
+            j = draw(st.integers(0, len(values) - 1))
+            value = values[j] + draw(st.sampled_from((0, 4, -4)))
+        else:
+            value = draw(st.sampled_from(INTERESTING))
+        ops.append(("field", "tensor_offset", f.owner, 0, 8, value))
+    return name, tuple(ops)
+
+
+@st.composite
+def alignment_mutations(draw):
+    """general.alignment given another value (powers of two, near misses, boundaries) or
+    another type (the same width more often, so the rest of the header still parses)."""
+    name = draw(layout_base_names)
+    ops = []
+    if draw(st.integers(0, 2)):
+        value = draw(st.one_of(st.sampled_from(ALIGNMENTS),
+                               st.sampled_from(ALIGNMENTS).map(lambda a: a + 1),
+                               st.sampled_from(INTERESTING), st.integers(0, (1 << 32) - 1)))
+        ops.append(("field", "scalar", ALIGNMENT_KEY, 0, 4, value))
+    if not ops or draw(st.booleans()):
+        vtype = draw(st.one_of(st.sampled_from((4, 5, 6)), st.integers(0, 12),
+                               st.sampled_from((13, 255, (1 << 32) - 1))))
+        ops.append(("field", "value_type", ALIGNMENT_KEY, 0, 4, vtype))
     return name, tuple(ops)
 
 
@@ -366,12 +460,60 @@ def _feed(workdir: Path, name: str, ops, seconds: float = EXAMPLE_SECONDS) -> st
         path.unlink()
 
 
+@functools.cache
+def _unmutated(name: str):
+    """The base file as read and loaded: (tensors as (type, shape, bytes), metadata
+    without general.alignment, params as host arrays)."""
+    tmp = Path(tempfile.mkdtemp(prefix="fuzz-ref-"))
+    try:
+        (tmp / "b.gguf").write_bytes(_base(name).data)
+        tensors, metadata = _contents(read_gguf(tmp / "b.gguf"))
+        model = load_gguf(tmp / "b.gguf", progress=False)
+        params = [np.asarray(x) for x in jax.tree_util.tree_leaves(model.params)]
+        jax.tree_util.tree_map(lambda x: x.delete(), model.params)
+    finally:
+        shutil.rmtree(tmp)
+    return tensors, metadata, params
+
+
+def _contents(f):
+    tensors = {t.name: (t.qtype, t.shape, t.data.tobytes()) for t in f.tensors.values()}
+    return tensors, {k: v for k, v in f.metadata.items() if k != ALIGNMENT_KEY}
+
+
+def _feed_layout(workdir: Path, name: str, ops) -> str:
+    """The mutated file is refused with a GGUFError, or loads the base's exact weights."""
+    data = _apply(_base(name), ops)
+    path = workdir / f"layout-{next(_counter)}.gguf"
+    path.write_bytes(data)
+    tensors, metadata, params = _unmutated(name)
+    try:
+        with _watchdog(f"{name} {ops}"):
+            try:
+                f = read_gguf(path)
+            except GGUFError:  # any other exception fails the example
+                return "refused"
+            got_tensors, got_metadata = _contents(f)
+            del f
+            assert got_tensors == tensors, "accepted a layout that maps other bytes"
+            assert got_metadata == metadata
+            model = load_gguf(path, progress=False)
+            got = [np.asarray(x) for x in jax.tree_util.tree_leaves(model.params)]
+            jax.tree_util.tree_map(lambda x: x.delete(), model.params)
+            assert len(got) == len(params)
+            for a, b in zip(got, params):
+                np.testing.assert_array_equal(a, b)
+            return "identical"
+    finally:
+        path.unlink()
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     # Compile the dequantizers of every base's shapes up front, so the examples' timing
     # measures parsing and checking, not the first JIT compilation.
     d = tmp_path_factory.mktemp("fuzz")
-    for name in BASES:
+    for name in ALL_BASES:
         assert _feed(d, name, (), seconds=HARD_SECONDS) == "loaded"
     return d
 
@@ -382,7 +524,7 @@ def _fuzz_settings(n: int):
 
 
 # --------------------------------------------------------------------------------------
-# The fuzzers: 720 examples in all (about 25 s on a busy 2-core machine).
+# The fuzzers: 1040 examples in all.
 
 
 @_fuzz_settings(100)
@@ -415,6 +557,29 @@ def test_header_fields(workdir, case):
 @given(splices())
 def test_spliced(workdir, case):
     event(_feed(workdir, *case))
+
+
+@_fuzz_settings(200)
+@given(offset_mutations())
+# The issue's first layout: data padded to 32, the table packed as if at 1 (it loaded
+# shifted bytes). Then one tensor moved onto the next padded boundary (a gap).
+@example(case=("llama-f32-a32", (("relayout", 1),)))
+@example(case=("llama-f32-a1", (("field", "tensor_offset", "blk.0.attn_norm.weight", 0, 8,
+                                 16416),)))
+def test_tensor_offsets(workdir, case):
+    event(_feed_layout(workdir, *case))
+
+
+@_fuzz_settings(120)
+@given(alignment_mutations())
+# The issue's second layout: packed at 1 throughout, saying 32. Then an INT32 32; and 16,
+# which gives this file the same layout if its table ends in the right place (then it
+# must load the same weights).
+@example(case=("llama-f32-a1", (("field", "scalar", ALIGNMENT_KEY, 0, 4, 32),)))
+@example(case=("llama-f32-a32", (("field", "value_type", ALIGNMENT_KEY, 0, 4, 5),)))
+@example(case=("llama-f32-a32", (("field", "scalar", ALIGNMENT_KEY, 0, 4, 16),)))
+def test_alignment_field(workdir, case):
+    event(_feed_layout(workdir, *case))
 
 
 # --------------------------------------------------------------------------------------
@@ -597,7 +762,7 @@ def test_longrope_original_context_below_two(workdir, tmp_path, original):
 
 def test_walker_matches_reader():
     """The fuzzers' field map agrees with the reader on every base file."""
-    for name in BASES:
+    for name in ALL_BASES:
         base = _base(name)
         tmp = Path(tempfile.mkdtemp(prefix="fuzz-walk-"))
         try:
@@ -615,3 +780,6 @@ def test_walker_matches_reader():
                              for x in base.fields if x.kind == "dim" and x.owner == t)
                 for t in f.tensors}
         assert dims == {t: f.tensors[t].n_elements for t in f.tensors}
+        assert base.sizes == tuple((t, f.tensors[t].nbytes) for t in f.tensors)
+        assert [f.data_offset + v for v in _running_sums(base, base.alignment)] == [
+            t.offset for t in f.tensors.values()]

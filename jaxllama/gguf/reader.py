@@ -8,6 +8,16 @@ that remain before it allocates anything, and raises `GGUFError` saying what and
 Tensor data stays memory-mapped; `GGUFTensor.data` has exactly the dtype and shape that
 `GGUFReader` gives (typed arrays for F32/F16/F64/I*, uint8 block rows otherwise), which
 the tests check against GGUFReader on the real files.
+
+The layout is checked as llama.cpp's `gguf_init_from_file` checks it (ggml/src/gguf.cpp),
+so a file llama.cpp refuses is refused here too, before any tensor is mapped:
+general.alignment is a UINT32 and a nonzero power of two; keys and tensor names are
+non-empty and unique, names shorter than GGML_MAX_NAME (64, with the terminator); and
+each tensor's offset is exactly the running sum of the previous tensors' sizes (in table
+order), each padded to the alignment, so no tensor overlaps another or leaves a gap. That
+last rule is what keeps a table whose offsets disagree with the data's real padding from
+loading shifted bytes as weights. GGUFReader checks neither the offsets nor empty or
+long names (benchmarks/RESULTS.md, "GGUF layout validation").
 """
 
 from __future__ import annotations
@@ -27,7 +37,11 @@ from jaxllama.errors import GGUFError
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+ALIGNMENT_KEY = "general.alignment"
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 64  # GGML_MAX_NAME: a tensor name is at most 63 bytes, plus the terminator
+MAX_ELEMENTS = (1 << 63) - 1  # INT64_MAX: llama.cpp counts elements in int64_t
+MAX_DIM = 1 << 40  # each dimension below this (llama.cpp allows up to INT64_MAX)
 # Arrays of arrays nest at most this deep. llama.cpp refuses nested arrays outright
 # (gguf.cpp, gguf_init_from_file_impl) and GGUFReader reads any depth; the cap keeps a
 # crafted file (12 bytes a level) from exhausting the Python stack (RecursionError).
@@ -99,6 +113,7 @@ class GGUFFile:
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensor]
     data_offset: int
+    alignment: int = DEFAULT_ALIGNMENT  # of the tensor data (general.alignment)
 
     @property
     def architecture(self) -> str:
@@ -208,8 +223,30 @@ class _Cursor:
         return out
 
 
+def _shown(name: str, limit: int = 80) -> str:
+    """A key or tensor name for a message: whole unless absurdly long."""
+    return name if len(name) <= limit else f"{name[:limit]}... ({len(name)} characters)"
+
+
+def _padded(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One tensor-table entry as read, before its data is mapped."""
+
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order (GGML ne reversed)
+    rel_offset: int  # from the start of the data section, as stored
+    nbytes: int
+
+
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Parse a GGUF file's header and map its tensor data (nothing is copied)."""
+    """Parse a GGUF file's header, validate its layout and map its tensor data (nothing
+    is copied). Raises `GGUFError` naming the key or tensor, what was found and what was
+    expected, for every file llama.cpp's reader refuses and a few more (see module doc)."""
     path = Path(path)
     if not path.exists():
         raise GGUFError(f"{path}: no such file")
@@ -244,65 +281,123 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     cur.need(n_kv * 12, f"{n_kv} metadata entries")
 
     metadata: dict[str, Any] = {}
+    types: dict[str, GGUFValueType] = {}
     for i in range(n_kv):
         key = cur.string(f"metadata key #{i}")
+        if not key:
+            raise GGUFError(f"{path}: metadata key #{i} is empty, expected a non-empty name")
         if key in metadata:
-            raise GGUFError(f"{path}: metadata key {key} appears twice")
-        vtype = cur.value_type(f"metadata {key}")
-        metadata[key] = cur.value(vtype, f"metadata {key}")
+            raise GGUFError(f"{path}: metadata key {_shown(key)} appears twice "
+                            f"(entries #{list(metadata).index(key)} and #{i}), expected once")
+        vtype = cur.value_type(f"metadata {_shown(key)}")
+        metadata[key] = cur.value(vtype, f"metadata {_shown(key)}")
+        types[key] = vtype
+    alignment = _alignment(path, metadata, types)
 
     cur.need(n_tensors * 24, f"{n_tensors} tensor entries")
-    entries = []
-    names = set()
+    entries: list[_Entry] = []
+    names: set[str] = set()
     for i in range(n_tensors):
-        name = cur.string(f"name of tensor #{i}")
-        if name in names:
-            raise GGUFError(f"{path}: tensor {name} appears twice in the tensor table")
-        names.add(name)
-        n_dims = cur.u32(f"dimension count of tensor {name}")
-        if not 1 <= n_dims <= MAX_DIMS:
-            raise GGUFError(f"{path}: tensor {name} has {n_dims} dimensions, expected 1 to {MAX_DIMS}")
-        ne = [cur.u64(f"dimension {d} of tensor {name}") for d in range(n_dims)]
-        raw_type = cur.u32(f"type of tensor {name}")
-        try:
-            qtype = GGMLQuantizationType(raw_type)
-        except ValueError:
-            raise GGUFError(f"{path}: tensor {name} has unknown type number {raw_type}") from None
-        offset = cur.u64(f"offset of tensor {name}")
-        entries.append((name, qtype, tuple(reversed(ne)), offset))
+        entries.append(_read_entry(cur, path, i, names))
 
-    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-        raise GGUFError(f"{path}: general.alignment is {alignment!r}, expected a power of two")
-    data_offset = -(-cur.pos // alignment) * alignment
-
+    # The data section starts at the end of the table, padded to the alignment.
+    data_offset = _padded(cur.pos, alignment)
+    if entries and data_offset > size:
+        raise GGUFError(
+            f"{path}: file is truncated or corrupt: the tensor data starts at offset "
+            f"{data_offset} (the tensor table's end {cur.pos} padded to alignment {alignment}), "
+            f"but the file has {size} bytes"
+        )
+    expected = 0
     tensors: dict[str, GGUFTensor] = {}
-    for name, qtype, shape, rel_offset in entries:
-        tensors[name] = _map_tensor(mm, path, size, name, qtype, shape, data_offset + rel_offset)
-    return GGUFFile(path, version, metadata, tensors, data_offset)
+    for e in entries:
+        offset = data_offset + e.rel_offset
+        if offset + e.nbytes > size:
+            raise GGUFError(
+                f"{path}: tensor {e.name} ({e.nbytes} bytes at offset {offset}) extends past the "
+                f"end of the file ({size} bytes)"
+            )
+        if e.rel_offset != expected:
+            raise GGUFError(
+                f"{path}: tensor {e.name}: data offset {e.rel_offset}, expected {expected} "
+                f"(running sum of padded tensor sizes, alignment {alignment})"
+            )
+        expected += _padded(e.nbytes, alignment)
+        tensors[e.name] = _map_tensor(mm, e, offset)
+    return GGUFFile(path, version, metadata, tensors, data_offset, alignment)
 
 
-def _map_tensor(mm, path, size, name, qtype, shape, offset) -> GGUFTensor:
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    if any(d == 0 for d in shape) or any(d >= 1 << 40 for d in shape):
-        raise GGUFError(f"{path}: tensor {name} has an invalid shape {shape}")
+def _alignment(path: Path, metadata: dict[str, Any], types: dict[str, GGUFValueType]) -> int:
+    """general.alignment: absent (32), or a UINT32 nonzero power of two (the spec and
+    llama.cpp; an INT32 32 or a BOOL true is refused, not taken as 32 or 1)."""
+    if ALIGNMENT_KEY not in metadata:
+        return DEFAULT_ALIGNMENT
+    value, vtype = metadata[ALIGNMENT_KEY], types[ALIGNMENT_KEY]
+    if vtype != GGUFValueType.UINT32:
+        shown = "an array" if vtype == GGUFValueType.ARRAY else repr(value)[:40]
+        raise GGUFError(
+            f"{path}: {ALIGNMENT_KEY} is {shown}, expected a power of two stored as UINT32, "
+            f"found type {vtype.name}"
+        )
+    if value == 0 or value & (value - 1):
+        raise GGUFError(f"{path}: {ALIGNMENT_KEY} is {value}, expected a power of two (nonzero)")
+    return value
+
+
+def _read_entry(cur: _Cursor, path: Path, i: int, names: set[str]) -> _Entry:
+    """Tensor-table entry #i, its name, dimensions and type checked as llama.cpp does."""
+    name = cur.string(f"name of tensor #{i}")
+    if not name:
+        raise GGUFError(f"{path}: name of tensor #{i} is empty, expected a non-empty name")
+    n_bytes = len(name.encode("utf-8", errors="surrogateescape"))
+    if n_bytes >= MAX_NAME:
+        raise GGUFError(
+            f"{path}: tensor {_shown(name)}: name is {n_bytes} bytes, expected at most "
+            f"{MAX_NAME - 1} (GGML_MAX_NAME {MAX_NAME}, with the terminator)"
+        )
+    if "\0" in name:
+        # ggml keeps names as C strings: llama.cpp would see only the part before the NUL.
+        raise GGUFError(f"{path}: tensor {name!r}: name contains a NUL byte, expected none")
+    if name in names:
+        raise GGUFError(f"{path}: tensor {name} appears twice in the tensor table")
+    names.add(name)
+    n_dims = cur.u32(f"dimension count of tensor {name}")
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise GGUFError(f"{path}: tensor {name} has {n_dims} dimensions, expected 1 to {MAX_DIMS}")
+    ne = [cur.u64(f"dimension {d} of tensor {name}") for d in range(n_dims)]
+    raw_type = cur.u32(f"type of tensor {name}")
+    try:
+        qtype = GGMLQuantizationType(raw_type)
+    except ValueError:
+        raise GGUFError(f"{path}: tensor {name} has unknown type number {raw_type}") from None
+    rel_offset = cur.u64(f"offset of tensor {name}")
+
+    shape = tuple(reversed(ne))
+    if any(d == 0 or d >= MAX_DIM for d in shape):
+        raise GGUFError(f"{path}: tensor {name} has an invalid shape {shape}: every dimension "
+                        f"expected from 1 to {MAX_DIM - 1}")
     n_elements = math.prod(shape)
+    if n_elements > MAX_ELEMENTS:
+        raise GGUFError(f"{path}: tensor {name} of shape {shape} has {n_elements} elements, "
+                        f"expected at most {MAX_ELEMENTS} (INT64_MAX)")
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
     if shape[-1] % block_size:
         raise GGUFError(
             f"{path}: tensor {name} of type {qtype.name} has rows of {shape[-1]} elements, "
             f"not a multiple of its block size {block_size}"
         )
-    nbytes = n_elements // block_size * type_size
-    if offset + nbytes > size:
-        raise GGUFError(
-            f"{path}: tensor {name} ({nbytes} bytes at offset {offset}) extends past the end "
-            f"of the file ({size} bytes)"
-        )
-    if qtype in _TYPED_TENSORS:
-        dtype = _TYPED_TENSORS[qtype]
-        data = np.frombuffer(mm, dtype=dtype, count=n_elements, offset=offset).reshape(shape)
+    return _Entry(name, qtype, shape, rel_offset, n_elements // block_size * type_size)
+
+
+def _map_tensor(mm: np.memmap, e: _Entry, offset: int) -> GGUFTensor:
+    """A read-only view of the entry's bytes (already checked to lie inside the file)."""
+    if e.qtype in _TYPED_TENSORS:
+        dtype = _TYPED_TENSORS[e.qtype]
+        count = e.nbytes // np.dtype(dtype).itemsize
+        data = np.frombuffer(mm, dtype=dtype, count=count, offset=offset).reshape(e.shape)
     else:
-        row_bytes = shape[-1] // block_size * type_size
-        data = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset)
-        data = data.reshape(shape[:-1] + (row_bytes,))
-    return GGUFTensor(name, qtype, shape, offset, nbytes, data)
+        block_size, type_size = GGML_QUANT_SIZES[e.qtype]
+        row_bytes = e.shape[-1] // block_size * type_size
+        data = np.frombuffer(mm, dtype=np.uint8, count=e.nbytes, offset=offset)
+        data = data.reshape(e.shape[:-1] + (row_bytes,))
+    return GGUFTensor(e.name, e.qtype, e.shape, offset, e.nbytes, data)
