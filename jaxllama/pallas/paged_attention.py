@@ -103,10 +103,10 @@ def _dot_nn(a, b):
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _softmax_step(carry, qs, ks, vs, scale, valid=None):
+def _softmax_step(carry, qs, ks, vs, scale, valid=None, key_ok=None):
     """One key block of the online softmax (log2 domain). ``valid`` (rows, block_k)
-    masks logits, weights and (where no row sees a key) its V row; a row that sees no
-    key of the block keeps its carry unchanged."""
+    masks logits and weights, key_ok (block_k,) the V rows below the length; a row
+    that sees no key of the block keeps its carry unchanged."""
     accs, m_prev, l_prev = carry
     s = _dot_nt(qs[0], ks[0])
     for qc, kc in zip(qs[1:], ks[1:]):
@@ -120,7 +120,6 @@ def _softmax_step(carry, qs, ks, vs, scale, valid=None):
     if valid is not None:
         p = jnp.where(valid, p, 0.0)
         # Rows past the length may hold anything (NaN too) and 0 * NaN is NaN.
-        key_ok = jnp.any(valid, axis=0)
         vs = [jnp.where(key_ok[:, None], vc, 0) for vc in vs]
     l_next = alpha * l_prev + jnp.sum(p, axis=1)
     p = p.astype(vs[0].dtype)
@@ -202,8 +201,9 @@ def _paged_kernel(
         k_pos, ks, vs = load(j)
         if not masked:
             return _softmax_step(carry, qs, ks, vs, scale)
-        valid = (k_pos[None, :] < kv_len) & (k_pos[None, :] <= q_pos[:, None])
-        return _softmax_step(carry, qs, ks, vs, scale, valid)
+        key_ok = k_pos < kv_len
+        valid = key_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        return _softmax_step(carry, qs, ks, vs, scale, valid, key_ok)
 
     carry = (
         tuple(jnp.zeros((block_q, cw), jnp.float32) for _, cw in chunks),
