@@ -16,7 +16,9 @@ Cases cover G = 1, 3, 7, head dims 64, 96, 128, bf16 and float32, page sizes tha
 are not multiples of the 16-key tile (5, 7, 12: the per-row gather path) and one that
 is (32: the contiguous-slice path), lengths 0, 1, a page boundary and in-between, and
 a causal chunk of T = 5 queries with padding; each distinct shape costs a few seconds
-of interpreter compile, so not the full cross product.
+of interpreter compile, so not the full cross product. A hypothesis test then draws
+random layouts (lengths, shared prefix, permutation, query offsets) at two fixed
+shapes, so the kernel compiles once per shape and each example costs milliseconds.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class Case:
     seq_q: int = 1  # T
     # Query offsets for seq_q > 1 (None: lengths - T, the default of the functions).
     q_offset: tuple[int, ...] | None = None
+    # Pool size, if fixed (the rest beyond the owned pages are spare): keeps one
+    # shape across random layouts.
+    pool_pages: int | None = None
 
 
 CASES = {
@@ -106,8 +111,9 @@ class Layout:
     q_offset: jax.Array | None  # (B,) int32
 
 
-def make_layout(name: str, case: Case) -> Layout:
-    rng = np.random.default_rng(zlib.crc32(name.encode()))
+def make_layout(name: str, case: Case, rng: np.random.Generator | None = None) -> Layout:
+    """The case's layout, random from `rng` (default: seeded by the case's name)."""
+    rng = rng or np.random.default_rng(zlib.crc32(name.encode()))
     batch, page, width = len(case.lengths), case.page_size, case.max_pages
     seq_k = width * page
     lengths = np.array(case.lengths, np.int32)
@@ -129,6 +135,10 @@ def make_layout(name: str, case: Case) -> Layout:
 
     num_shared = case.shared[2] if case.shared else 0
     num_pages = int(owned.sum()) - num_shared + case.spare_pages
+    spare = case.spare_pages
+    if case.pool_pages is not None:
+        spare += case.pool_pages - num_pages
+        num_pages = case.pool_pages
     free = list(rng.permutation(num_pages))
     table = np.full((batch, width), NO_PAGE, np.int32)
     k_pool = np.full((case.kv_heads, num_pages, page, case.head_dim), np.nan, np.float32)
@@ -146,7 +156,7 @@ def make_layout(name: str, case: Case) -> Layout:
         junk = rng.choice([NO_PAGE, num_pages + 3, int(table[0, 0]) if owned[0] else 0],
                           size=width - owned[b])
         table[b, owned[b]:] = junk
-    assert len(free) == case.spare_pages
+    assert len(free) == spare
 
     num_heads = case.kv_heads * case.group
     q_shape = (batch, num_heads, case.head_dim) if case.seq_q == 1 else (
@@ -257,6 +267,36 @@ def test_paged_kernel_layout_changes_do_not_recompile():
     moved = dataclasses.replace(layout, q=q, block_table=table, lengths=lengths)
     _assert_close("new layout", got, _twin(moved, kw["sm_scale"]), case.dtype)
     _assert_close("slot 1 reads slot 0's keys", got[1], got[0], case.dtype)
+
+
+# Fixed shapes (one compile each), random layouts: 5-token pages (the gather path),
+# 6 pages a slot, G = 3; T = 1 (decode) and T = 3 (a causal chunk).
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seq_q=st.sampled_from([1, 3]),
+    lengths=st.lists(st.integers(0, 30), min_size=3, max_size=3),
+    shared=st.integers(0, 6),
+    offsets=st.lists(st.integers(-2, 30), min_size=3, max_size=3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_layouts_kernel_twin_dense_agree(seq_q, lengths, shared, offsets, seed):
+    """Property: on any page layout (lengths, a shared prefix of slots 0 and 1,
+    permuted pages, query offsets), kernel == twin == dense attention."""
+    shared = min(shared, lengths[0] // 5, lengths[1] // 5)
+    case = Case(jnp.float32, 2, 3, 64, 5, 6, 2, 2, tuple(lengths),
+                (0, 1, shared) if shared else None, seq_q=seq_q,
+                q_offset=tuple(offsets) if seq_q > 1 else None, pool_pages=20)
+    layout = make_layout("random", case, np.random.default_rng(seed))
+    sm_scale = case.head_dim**-0.5
+    got = paged_attention(
+        layout.q, layout.k_pages, layout.v_pages, layout.block_table, layout.lengths,
+        layout.q_offset, sm_scale=sm_scale, block_q=BLOCK_Q, block_k=BLOCK_K,
+        num_splits=case.num_splits, interpret=True,
+    )
+    twin = _twin(layout, sm_scale)
+    dense = _dense_attention(layout, sm_scale)
+    _assert_close("kernel vs twin", got, twin, case.dtype)
+    _assert_close("twin vs dense", twin, dense if seq_q > 1 else dense[:, 0], case.dtype)
 
 
 def test_paged_attention_rejects_bad_shapes():
