@@ -11,7 +11,10 @@ Qwen2.5-0.5B one (N=14, K=2, H=64); every slot's keys fill --context positions i
   math): the cost of the page indirection on the XLA path;
 * paged-pallas (GPU only, or with --interpret at --small sizes): the kernel.
 
-Every output is compared with the dense one: max|out - dense| / max|dense|.
+Every output is compared with the dense one: max|out - dense| / max|dense|. The
+candidates take turns (one timing run of --iters calls each per round, --repeats
+rounds); the median and the fastest run are printed, GB/s from the median, counting
+the K and V bytes below the lengths.
 
     python -m benchmarks.paged_attention                  # CPU: twin vs dense
     python -m benchmarks.paged_attention --small --interpret
@@ -47,18 +50,20 @@ from jaxllama.pallas.decode_attention import decode_attention_reference
 SHAPES = {"smollm2": (9, 3, 64), "qwen2.5-0.5b": (14, 2, 64)}
 
 
-def time_call(fn, *args, iters: int, repeats: int) -> tuple[float, jax.Array]:
-    """Median seconds per call of fn(*args), and its output."""
-    out = jax.block_until_ready(fn(*args))  # compile
-    out = jax.block_until_ready(fn(*args))
-    samples = []
+def time_calls(fns: dict, *, iters: int, repeats: int) -> dict:
+    """Per name, (median, min) seconds per call of fn(*args) and its output. The
+    candidates take turns, one timing run each per round, so that load from other
+    processes on a shared machine falls on all of them alike."""
+    outs = {name: jax.block_until_ready(fn(*a)) for name, (fn, a) in fns.items()}  # compile
+    samples = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / iters)
-    return statistics.median(samples), out
+        for name, (fn, a) in fns.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                out = fn(*a)
+            jax.block_until_ready(out)
+            samples[name].append((time.perf_counter() - start) / iters)
+    return {name: (statistics.median(t), min(t), outs[name]) for name, t in samples.items()}
 
 
 def layout(rng, batch, kv_heads, head_dim, context, page_size, dtype):
@@ -86,7 +91,7 @@ def bench(args) -> None:
     batch, context = (4, 40) if args.small else (args.batch, args.context)
     on_gpu = device.platform == "gpu"
     print(f"decode, B={batch} slots, {context} keys each, page {args.page_size}, {dtype.name}")
-    print(f"{'shape':13} {'impl':13} {'ms':>9} {'GB/s':>8} {'rel_err':>9}")
+    print(f"{'shape':13} {'impl':13} {'ms':>9} {'min ms':>9} {'GB/s':>8} {'rel_err':>9}")
     rng = np.random.default_rng(0)
     for name in args.shapes:
         n, kh, hd = SHAPES[name]
@@ -95,24 +100,21 @@ def bench(args) -> None:
         lengths = jnp.full((batch,), context, jnp.int32)
         sm_scale = hd**-0.5
         kv_bytes = 2 * batch * kh * context * hd * dtype.itemsize
-        dense_fn = jax.jit(functools.partial(decode_attention_reference, sm_scale=sm_scale))
-        seconds, dense = time_call(dense_fn, q, k, v, lengths, iters=args.iters,
-                                   repeats=args.repeats)
-        rows = [("dense", seconds, 0.0)]
-        candidates = [("paged-twin", jax.jit(functools.partial(
-            pa.paged_attention_reference, sm_scale=sm_scale)))]
+        fns = {"dense": (jax.jit(functools.partial(decode_attention_reference, sm_scale=sm_scale)),
+                         (q, k, v, lengths)),
+               "paged-twin": (jax.jit(functools.partial(pa.paged_attention_reference,
+                                                        sm_scale=sm_scale)),
+                              (q, k_pool, v_pool, table, lengths))}
         if on_gpu or args.interpret:
-            candidates.append(("paged-pallas", jax.jit(functools.partial(
-                pa.paged_attention, sm_scale=sm_scale, interpret=args.interpret))))
-        ref = np.asarray(dense, np.float64)
-        for impl, fn in candidates:
-            seconds, out = time_call(fn, q, k_pool, v_pool, table, lengths,
-                                     iters=args.iters, repeats=args.repeats)
+            fns["paged-pallas"] = (jax.jit(functools.partial(
+                pa.paged_attention, sm_scale=sm_scale, interpret=args.interpret)),
+                (q, k_pool, v_pool, table, lengths))
+        results = time_calls(fns, iters=args.iters, repeats=args.repeats)
+        ref = np.asarray(results["dense"][2], np.float64)
+        for impl, (median, best, out) in results.items():
             err = np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max()
-            rows.append((impl, seconds, err))
-        for impl, seconds, err in rows:
-            print(f"{name:13} {impl:13} {seconds * 1e3:9.3f} {kv_bytes / seconds / 1e9:8.2f} "
-                  f"{err:9.2e}", flush=True)
+            print(f"{name:13} {impl:13} {median * 1e3:9.3f} {best * 1e3:9.3f} "
+                  f"{kv_bytes / median / 1e9:8.2f} {err:9.2e}", flush=True)
 
 
 def triton_check() -> int:
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--iters", type=int, default=20, help="calls per timing run")
-    parser.add_argument("--repeats", type=int, default=5, help="timing runs")
+    parser.add_argument("--repeats", type=int, default=9, help="timing runs (rounds)")
     parser.add_argument("--triton-check", action="store_true",
                         help="compile the kernel for sm_90a with Triton (no GPU needed)")
     args = parser.parse_args(argv)
