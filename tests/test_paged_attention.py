@@ -363,16 +363,16 @@ def test_write_chunks_then_gather_equals_dense_cache():
     assert tuple(lengths) == (20, 17, 20)
 
     assert not np.asarray(cache.k[0]).any() and not np.asarray(cache.v[0]).any()
-    for got, want in ((gather(cache.k[1], jnp.asarray(table)), dense_k),
-                      (gather(cache.v[1], jnp.asarray(table)), dense_v)):
+    for got, want in ((jax.jit(gather)(cache.k[1], jnp.asarray(table)), dense_k),
+                      (jax.jit(gather)(cache.v[1], jnp.asarray(table)), dense_v)):
         np.testing.assert_array_equal(np.asarray(got), want)  # NaN where never written
     unowned = np.setdiff1d(np.arange(num_pages), table)
     assert np.isnan(np.asarray(cache.k[1])[:, unowned]).all()
 
     q = jnp.asarray(rng.standard_normal((batch, TINY.num_heads, hd), dtype=np.float32))
-    paged = paged_attention_reference(q, cache.k[1], cache.v[1], jnp.asarray(table),
-                                      jnp.asarray(lengths), sm_scale=hd**-0.5)
-    dense = xla_attention(q[:, None], jnp.asarray(np.nan_to_num(dense_k)),
+    paged = jax.jit(paged_attention_reference, static_argnames="sm_scale")(
+        q, cache.k[1], cache.v[1], jnp.asarray(table), jnp.asarray(lengths), sm_scale=hd**-0.5)
+    dense = jax.jit(xla_attention, static_argnames="sm_scale")(q[:, None], jnp.asarray(np.nan_to_num(dense_k)),
                           jnp.asarray(np.nan_to_num(dense_v)),
                           jnp.asarray(lengths - 1)[:, None], jnp.asarray(lengths),
                           sm_scale=hd**-0.5)[:, 0]
@@ -432,3 +432,62 @@ def test_write_pages_rejects_bad_shapes():
         write_pages(pool, jnp.zeros((1, 2, 2, 8)), table, zeros, jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="num_pages=0"):
         PagedKVCache.create(TINY, 0, 16)
+
+
+def test_prefix_shared_pages_end_to_end():
+    """Allocator, write path and attention together: request B reuses request A's
+    cached system-prompt pages and writes only its own tokens; attention over B's
+    block table equals dense attention over B's keys computed from scratch, and A's
+    is unchanged by B's writes."""
+    from jaxllama.engine.pages import PageAllocator, prefix_keys
+
+    page, kh, hd, heads = 4, TINY.num_kv_heads, TINY.head_dim, TINY.num_heads
+    width = 4  # pages a slot's table holds
+
+    def kv_of(tokens):
+        """Keys/values (T, K, H) a model would compute: position t's depend on the
+        whole prefix tokens[: t + 1] (so only an equal prefix may be shared)."""
+        out = []
+        for t in range(len(tokens)):
+            rng = np.random.default_rng(zlib.crc32(str(tokens[: t + 1]).encode()))
+            out.append(rng.standard_normal((2, kh, hd), dtype=np.float32))
+        out = np.stack(out)  # (T, 2, K, H)
+        return out[:, 0], out[:, 1]
+
+    alloc = PageAllocator(10, page)
+    cache = PagedKVCache.create(TINY, alloc.num_pages, page)
+    system = [11, 12, 13, 14, 15, 16, 17, 18]
+    tables, lengths = {}, {}
+    for name, prompt in (("a", system + [1, 2, 3]), ("b", system + [4, 5])):
+        pages = alloc.match_prefix(prompt[:-1])
+        cached = len(pages) * page
+        pages += alloc.allocate(-(-len(prompt) // page) - len(pages))
+        for p, key in zip(pages, prefix_keys(prompt, page)):
+            alloc.register(p, key)
+        table = np.full((1, width), NO_PAGE, np.int32)
+        table[0, : len(pages)] = pages
+        k, v = kv_of(prompt)
+        new = len(prompt) - cached
+        pad = lambda x: np.pad(x[cached:], ((0, 12 - new), (0, 0), (0, 0)))[None]  # noqa: E731
+        for layer in range(TINY.num_layers):
+            cache = _write_layer(cache, jnp.asarray(pad(k)), jnp.asarray(pad(v)),
+                                 jnp.asarray(table), jnp.array([cached]), jnp.array([new]),
+                                 layer=layer)
+        tables[name], lengths[name] = table, len(prompt)
+        if name == "b":
+            assert cached == len(system)  # the system prompt's two pages were reused
+            assert list(table[0, :2]) == list(tables["a"][0, :2])
+
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((1, heads, hd), dtype=np.float32))
+    for name, prompt in (("a", system + [1, 2, 3]), ("b", system + [4, 5])):
+        k, v = kv_of(prompt)
+        dense = jax.jit(xla_attention, static_argnames="sm_scale")(
+            q[:, None], jnp.asarray(np.swapaxes(k, 0, 1))[None],
+            jnp.asarray(np.swapaxes(v, 0, 1))[None], jnp.array([[len(prompt) - 1]]),
+            jnp.array([len(prompt)]), sm_scale=hd**-0.5)[:, 0]
+        for layer in range(TINY.num_layers):
+            paged = jax.jit(paged_attention_reference, static_argnames="sm_scale")(
+                q, cache.k[layer], cache.v[layer], jnp.asarray(tables[name]),
+                jnp.array([lengths[name]]), sm_scale=hd**-0.5)
+            _assert_close(f"request {name}, layer {layer}", paged, dense, jnp.float32)
