@@ -13,8 +13,8 @@ Layouts
   contiguous slice, see below). It is also the (B, K, S, H) dense cache's order with
   (B, S) replaced by (P, L), and the order of JAX's bundled GPU paged kernel.
 * block_table: (B, M) int32; slot b's key position s lives in page
-  ``block_table[b, s // L]`` at row ``s % L``. Entries at or past a slot's length are
-  never read (they may hold anything: -1, another slot's page, a stale index).
+  ``block_table[b, s // L]`` at row ``s % L``. Entries from ``ceil(lengths[b] / L)``
+  on are never read (they may hold anything: -1, another slot's page, a stale index).
   A page may appear in several slots' tables (a shared prompt prefix).
 * lengths: (B,) int32, slot b's keys are positions [0, lengths[b]), lengths[b] <= S.
 * q: (B, N, H) for one decode step, or (B, T, N, H) for a chunk of T queries.
@@ -34,16 +34,17 @@ How the kernel works
   step is a single tile of G rows (padded to 16), so each K/V tile is read once for
   all G heads.
 * Only pages below the length: the key blocks of [0, min(lengths, last query + 1))
-  are dealt out to the splits at run time (flash-decoding, as in `decode_attention`);
-  positions past that bound are clamped onto the last visible key, so no page at or
-  past the length, and no block-table entry past it, is ever touched. Each split
+  are dealt out to the splits at run time (flash-decoding, as in `decode_attention`),
+  and no page past that bound, nor its block-table entry, is touched. Each split
   writes (max, sum, unnormalized accumulator) in float32; XLA combines them.
 * Reading a key block through the block table: when L is a multiple of the key block,
-  a block lies inside one page and is one contiguous (block_k, H) slice at
-  ``block_table[page] * L + offset``; otherwise every key row is gathered by its own
-  page and offset. Table entries are clamped into [0, P) so that even a corrupt table
-  cannot make the kernel read outside the pool (the Triton lowering does not
-  bounds-check ``ref[...]``).
+  a block lies inside one page (one holding a visible key) and is one contiguous
+  (block_k, H) slice at ``block_table[page] * L + offset``; its rows past the bound
+  are read and masked. Otherwise (e.g. 16-token pages under a 64-key tile) every key
+  row is gathered by its own page and offset, H contiguous elements a row, and rows
+  past the bound are clamped onto the last visible key. Table entries are clamped
+  into [0, P) so that even a corrupt table cannot make the kernel read outside the
+  pool (the Triton lowering does not bounds-check ``ref[...]``).
 * Blocks that every row sees in full run unmasked; the rest mask by length and by the
   causal rule. Unlike `flash_attention`, a split of a causal chunk can hold rows that
   see none of its keys, so the masked update zeroes their weights explicitly (a row
@@ -52,6 +53,9 @@ How the kernel works
 
 Lowering: Triton, for the reasons given in `jaxllama.pallas.flash_attention`;
 ``interpret=True`` runs the same kernel on the CPU (how the tests check it).
+``python -m benchmarks.paged_attention --triton-check`` compiles the default
+configurations for sm_90a without a GPU (all fit, no spills; benchmarks/RESULTS.md);
+the kernel has not yet been run or timed on a GPU.
 """
 
 from __future__ import annotations
