@@ -372,10 +372,9 @@ def test_write_chunks_then_gather_equals_dense_cache():
     q = jnp.asarray(rng.standard_normal((batch, TINY.num_heads, hd), dtype=np.float32))
     paged = jax.jit(paged_attention_reference, static_argnames="sm_scale")(
         q, cache.k[1], cache.v[1], jnp.asarray(table), jnp.asarray(lengths), sm_scale=hd**-0.5)
-    dense = jax.jit(xla_attention, static_argnames="sm_scale")(q[:, None], jnp.asarray(np.nan_to_num(dense_k)),
-                          jnp.asarray(np.nan_to_num(dense_v)),
-                          jnp.asarray(lengths - 1)[:, None], jnp.asarray(lengths),
-                          sm_scale=hd**-0.5)[:, 0]
+    dense = jax.jit(xla_attention, static_argnames="sm_scale")(
+        q[:, None], jnp.asarray(np.nan_to_num(dense_k)), jnp.asarray(np.nan_to_num(dense_v)),
+        jnp.asarray(lengths - 1)[:, None], jnp.asarray(lengths), sm_scale=hd**-0.5)[:, 0]
     _assert_close("paged vs dense after writes", paged, dense, jnp.float32)
 
 

@@ -70,7 +70,6 @@ from jax.experimental import pallas as pl
 from jaxllama.pallas.flash_attention import (
     LOG2E,
     MASK_VALUE,
-    MIN_BLOCK,
     check_head_dim,
     fit_block,
     head_dim_chunks,
