@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 
 from jaxllama.models.config import ROPE_INTERLEAVED, ModelConfig, ModelType, llama3_freq_factors
-from jaxllama.models.transformer import decode_step, forward, prefill  # noqa: F401  (this family's model functions)
-from jaxllama.models.weights import FamilyLoader
+from jaxllama.models.family import Family, FamilyLoader
 
 MODEL_TYPE = ModelType.Llama3
+FAMILY = Family(arch="llama", model_type=MODEL_TYPE, rope_style=ROPE_INTERLEAVED)
 
 
 class Llama3Config:
@@ -55,4 +55,9 @@ class Llama3Config:
         )
 
 
+PRESETS = {
+    "llama3-8b": Llama3Config.llama3_8b,
+    "llama3.2-1b": Llama3Config.llama3_2_1b,
+    "smollm2-135m": Llama3Config.smollm2_135m,
+}
 Llama3WeightLoader = FamilyLoader(MODEL_TYPE, "Llama3WeightLoader")
