@@ -24,7 +24,7 @@ import sys
 import time
 
 from jaxllama import hub
-from jaxllama.bench_args import BENCH_PRESETS, WEIGHT_CHOICES, add_bench_arguments  # noqa: F401
+from jaxllama.bench_args import WEIGHT_CHOICES, add_bench_arguments
 from jaxllama.errors import JaxLlamaError
 
 

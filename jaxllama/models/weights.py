@@ -1,11 +1,12 @@
 """From a GGUF file to a config and a params pytree on the default JAX device.
 
-The mapping from llama.cpp's tensor names onto `Params` is the same for every family;
-what differs is expressed by the tensors a file holds: q/k/v biases (Qwen2), a fused
-`attn_qkv` (Phi-3, split here by rows), and a fused gate+up in `ffn_up` with 2*F rows,
-gate first (Phi-3). Everything is checked (presence, shape, block type) before the first
-byte is dequantized, so a bad file costs no device memory; if dequantization fails
-midway, the arrays made so far are deleted before the error propagates.
+Which tensor (and which rows of it) each `Params` field is read from is the plan
+`jaxllama.models.params_spec.tensor_plan` derives from the file's family page: llama.cpp's
+names, Phi-3's fused `attn_qkv` and gate-first `ffn_up` split by rows; q/k/v biases
+and a separate output projection where the file holds them. Everything is checked
+(presence, shape, block type) before the first byte is dequantized, so a bad file costs
+no device memory; if dequantization fails midway, the arrays made so far are deleted
+before the error propagates.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from jaxllama.errors import (
     ConfigMismatchError,
     DeviceMemoryError,
     GGUFError,
-    InvalidModelType,
     InvalidRequestError,
     UnsupportedTensorTypeError,
 )
