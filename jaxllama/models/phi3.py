@@ -27,7 +27,7 @@ class Phi3Config:
         return ModelConfig(
             arch="phi3", vocab_size=32064, hidden_dim=3072, num_layers=32, num_heads=32,
             num_kv_heads=32, head_dim=96, ffn_dim=8192, rms_eps=1e-5, context_length=4096,
-            rope_theta=10000.0, rope_style=ROPE_HALF, sliding_window=2047,
+            rope_theta=10000.0, rope_style=FAMILY.rope_style, sliding_window=2047,
         )
 
 

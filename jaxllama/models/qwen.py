@@ -20,7 +20,7 @@ class QwenConfig:
         return ModelConfig(
             arch="qwen2", vocab_size=151936, hidden_dim=896, num_layers=24, num_heads=14,
             num_kv_heads=2, head_dim=64, ffn_dim=4864, rms_eps=1e-6, context_length=32768,
-            rope_theta=1e6, rope_style=ROPE_HALF, qkv_bias=True, tied_output=True,
+            rope_theta=1e6, rope_style=FAMILY.rope_style, qkv_bias=True, tied_output=True,
         )
 
 
