@@ -1,3 +1,8 @@
-from jaxllama.cli import main
+"""`python -m jaxllama`: the command line (`jaxllama.cli`)."""
+
 import sys
-sys.exit(main())
+
+from jaxllama.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllama import compilation_cache, hub
+from jaxllama.bench_args import add_bench_arguments
 from jaxllama.errors import InvalidRequestError
-from jaxllama.models import LlamaInferenceAdapter, LoadedModel
+from jaxllama.models import LlamaInferenceAdapter, LoadedModel, families, params_spec
 from jaxllama.models.config import ModelConfig
 from jaxllama.models.random_weights import random_model, synthetic_tokenizer_metadata
 from jaxllama.models.weights import (
@@ -166,13 +167,7 @@ def _bandwidth_bytes() -> int:
 
 # ------------------------------------------------------------------ model
 def preset_config(name: str) -> ModelConfig:
-    import importlib
-
-    from jaxllama.cli import BENCH_PRESETS
-
-    module, cls, method = BENCH_PRESETS[name]
-    family = importlib.import_module(f"jaxllama.models.{module}")
-    return getattr(getattr(family, cls), method)()
+    return families.preset(name)
 
 
 def _random(config, dtype, mode, args) -> LoadedModel:
@@ -215,7 +210,8 @@ def decode_weight_bytes(model: LoadedModel) -> int:
     (B rows), so it is not counted."""
     p = model.params
     layers = sum(x.nbytes for x in jax.tree_util.tree_leaves(p.layers))
-    return layers + p.final_norm.nbytes + p.output_weight.nbytes
+    return layers + sum(x.nbytes for name in params_spec.decode_fields(model.config)
+                        for x in jax.tree_util.tree_leaves(getattr(p, name)))
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype) -> int:
@@ -520,7 +516,6 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.decode`: the same options as `jaxllama bench`."""
     import argparse
 
-    from jaxllama.cli import add_bench_arguments
     from jaxllama.errors import JaxLlamaError
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__,

@@ -39,24 +39,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxllama.errors import InvalidRequestError
+from jaxllama.models import params_spec
 from jaxllama.models.config import ModelConfig
 
 DATA, MODEL = "data", "model"
 
-# Which axis of each (out, in) weight the `model` axis splits, and by what count it must
-# be divisible: "rows" split the output features, "cols" the input features.
-_LAYER_RULES: dict[str, tuple[str, str]] = {
-    "wq": ("rows", "heads"), "bq": ("rows", "heads"),
-    "wk": ("rows", "kv_heads"), "bk": ("rows", "kv_heads"),
-    "wv": ("rows", "kv_heads"), "bv": ("rows", "kv_heads"),
-    "wo": ("cols", "heads"),
-    "w_gate": ("rows", "ffn"), "w_up": ("rows", "ffn"),
-    "w_down": ("cols", "ffn"),
-    "attn_norm": ("none", ""), "ffn_norm": ("none", ""),
-}
-_TOP_RULES: dict[str, tuple[str, str]] = {
-    "embed": ("rows", "vocab"), "output": ("rows", "vocab"), "final_norm": ("none", ""),
-}
+# Which axis of each params field the `model` axis splits comes from the field's logical
+# axes (`jaxllama.models.params_spec.partition`): the rule above, written once there.
 
 
 def make_mesh(model: int = 1, data: int | None = None, devices=None) -> Mesh:
@@ -110,29 +99,26 @@ class ShardingPlan:
                  "vocab": c.vocab_size}[what]
         return count % self.model_size == 0
 
-    def _spec(self, rule: tuple[str, str], ndim: int) -> P:
-        where, what = rule
-        if where == "none" or not self._splits(what):
+    def _spec(self, field: str, ndim: int) -> P:
+        axis = params_spec.partition(field, self.config, self.model_size)
+        if axis is None:
             return P()
-        if where == "rows":
-            return P(MODEL, *([None] * (ndim - 1)))
-        return P(None, MODEL)
+        return P(*([None] * axis), MODEL, *([None] * (ndim - axis - 1)))
 
     def named(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)
 
-    def layer_sharding(self, field: str, ndim: int) -> NamedSharding:
-        return self.named(self._spec(_LAYER_RULES[field], ndim))
+    def field_sharding(self, field: str, ndim: int) -> NamedSharding:
+        """The layout of the params field `field` (any of `params_spec.FIELDS`)."""
+        return self.named(self._spec(field, ndim))
 
-    def top_sharding(self, field: str, ndim: int) -> NamedSharding:
-        return self.named(self._spec(_TOP_RULES[field], ndim))
+    layer_sharding = top_sharding = field_sharding  # the names callers know
 
     def quantized_sharding(self, field: str, shape: tuple[int, int]) -> NamedSharding:
         """The layout of a quantized (out, in) field; its codes, scales and mins all take
         it. A split of the in axis must give each device whole 32-element blocks, else the
         field is replicated."""
-        rule = _LAYER_RULES.get(field) or _TOP_RULES[field]
-        spec = self._spec(rule, 2)
+        spec = self._spec(field, 2)
         if spec == P(None, MODEL) and shape[1] % (32 * self.model_size):
             spec = P()
         return self.named(spec)
@@ -229,9 +215,7 @@ def memory_plan(config: ModelConfig, *, devices: int, weight_bytes: float, batch
     Returns GiB per device for weights, cache and their sum.
     """
     c = config
-    per_layer = (c.q_dim * c.hidden_dim * 2 + 2 * c.kv_dim * c.hidden_dim
-                 + 3 * c.ffn_dim * c.hidden_dim + 2 * c.hidden_dim)
-    params = c.num_layers * per_layer + c.vocab_size * c.hidden_dim * (1 if c.tied_output else 2)
+    params = params_spec.param_count(c)
     weights = params * weight_bytes / devices
     kv_split = devices if c.num_kv_heads % devices == 0 else 1
     cache = 2 * c.num_layers * batch * context * c.kv_dim * cache_bytes / kv_split

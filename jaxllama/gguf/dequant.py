@@ -37,10 +37,12 @@ QT = GGMLQuantizationType
 QK_K = 256  # elements in a K-quant super-block
 
 # --------------------------------------------------------------------------------------
-# Byte-level helpers. `b` is always a (n_blocks, type_size) uint8 array.
+# Byte-level helpers. `b` is always a (n_blocks, type_size) uint8 array. `le_uint`,
+# `f16_at` and `k_scale_min` are public: `jaxllama.quant.formats` reads GGUF blocks with
+# them too (jit-traceable, any backend).
 
 
-def _le_uint(b: jax.Array, offset: int, nbytes: int) -> jax.Array:
+def le_uint(b: jax.Array, offset: int, nbytes: int) -> jax.Array:
     """Bytes `offset:offset+nbytes` of every block as one little-endian unsigned int."""
     dtype = {2: jnp.uint16, 4: jnp.uint32}[nbytes]
     out = b[:, offset].astype(dtype)
@@ -49,9 +51,9 @@ def _le_uint(b: jax.Array, offset: int, nbytes: int) -> jax.Array:
     return out
 
 
-def _f16(b: jax.Array, offset: int) -> jax.Array:
+def f16_at(b: jax.Array, offset: int) -> jax.Array:
     """The f16 at `offset` of every block, as float32 of shape (n_blocks, 1)."""
-    half = lax.bitcast_convert_type(_le_uint(b, offset, 2), jnp.float16)
+    half = lax.bitcast_convert_type(le_uint(b, offset, 2), jnp.float16)
     return half.astype(jnp.float32)[:, None]
 
 
@@ -74,29 +76,29 @@ def _f32(x: jax.Array) -> jax.Array:
 
 
 def _decode_f32(b):
-    return lax.bitcast_convert_type(_le_uint(b, 0, 4), jnp.float32)[:, None]
+    return lax.bitcast_convert_type(le_uint(b, 0, 4), jnp.float32)[:, None]
 
 
 def _decode_f16(b):
-    return _f16(b, 0)
+    return f16_at(b, 0)
 
 
 def _decode_bf16(b):
     # bf16 is the top half of an f32.
-    bits = _le_uint(b, 0, 2).astype(jnp.uint32) << 16
+    bits = le_uint(b, 0, 2).astype(jnp.uint32) << 16
     return lax.bitcast_convert_type(bits, jnp.float32)[:, None]
 
 
 def _decode_q4_0(b):
     # block_q4_0: d (f16), qs[16]; x = d * (q - 8), q in [0, 15].
     q = _fields(b[:, 2:18], 4).reshape(-1, 32)
-    return _f16(b, 0) * (_f32(q) - 8.0)
+    return f16_at(b, 0) * (_f32(q) - 8.0)
 
 
 def _decode_q4_1(b):
     # block_q4_1: d, m (f16), qs[16]; x = d * q + m.
     q = _fields(b[:, 4:20], 4).reshape(-1, 32)
-    return _f16(b, 0) * _f32(q) + _f16(b, 2)
+    return f16_at(b, 0) * _f32(q) + f16_at(b, 2)
 
 
 def _q5_high_bits(qh: jax.Array) -> jax.Array:
@@ -108,19 +110,19 @@ def _q5_high_bits(qh: jax.Array) -> jax.Array:
 def _decode_q5_0(b):
     # block_q5_0: d (f16), qh[4], qs[16]; x = d * (q - 16), q in [0, 31].
     q = _fields(b[:, 6:22], 4).reshape(-1, 32) | (_q5_high_bits(b[:, 2:6]) << 4)
-    return _f16(b, 0) * (_f32(q) - 16.0)
+    return f16_at(b, 0) * (_f32(q) - 16.0)
 
 
 def _decode_q5_1(b):
     # block_q5_1: d, m (f16), qh[4], qs[16]; x = d * q + m.
     q = _fields(b[:, 8:24], 4).reshape(-1, 32) | (_q5_high_bits(b[:, 4:8]) << 4)
-    return _f16(b, 0) * _f32(q) + _f16(b, 2)
+    return f16_at(b, 0) * _f32(q) + f16_at(b, 2)
 
 
 def _decode_q8_0(b):
     # block_q8_0: d (f16), qs[32] (int8); x = d * q.
     q = lax.bitcast_convert_type(b[:, 2:34], jnp.int8)
-    return _f16(b, 0) * _f32(q)
+    return f16_at(b, 0) * _f32(q)
 
 
 def _decode_q2_k(b):
@@ -130,8 +132,8 @@ def _decode_q2_k(b):
     # elements as four 2-bit planes.
     n = b.shape[0]
     scales = b[:, 0:16]
-    dl = _f16(b, 80) * _f32(scales & 0xF)
-    ml = _f16(b, 82) * _f32(scales >> 4)
+    dl = f16_at(b, 80) * _f32(scales & 0xF)
+    ml = f16_at(b, 82) * _f32(scales >> 4)
     q = _fields(b[:, 16:80].reshape(n, 2, 32), 2).reshape(n, 16, 16)
     return (dl[..., None] * _f32(q) - ml[..., None]).reshape(n, QK_K)
 
@@ -144,14 +146,14 @@ def _decode_q3_k(b):
     n = b.shape[0]
     lo = _fields(b[:, 96:104], 4).reshape(n, 16)
     hi = _fields(b[:, 104:108], 2).reshape(n, 16)
-    dl = _f16(b, 108) * (_f32(lo | (hi << 4)) - 32.0)
+    dl = f16_at(b, 108) * (_f32(lo | (hi << 4)) - 32.0)
     low = _fields(b[:, 32:96].reshape(n, 2, 32), 2).reshape(n, 16, 16)
     high = _fields(b[:, 0:32], 1).reshape(n, 16, 16)
     q = _f32(low) - 4.0 * _f32(high ^ 1)
     return (dl[..., None] * q).reshape(n, QK_K)
 
 
-def _k_scale_min(s: jax.Array) -> tuple[jax.Array, jax.Array]:
+def k_scale_min(s: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Unpack the 12-byte 6-bit scales/mins of Q4_K and Q5_K into two (n, 8) arrays.
 
     Sub-blocks 0-3 keep their scale and min in the low 6 bits of bytes 0-3 and 4-7;
@@ -168,9 +170,9 @@ def _decode_q4_k(b):
     # block_q4_K: d, dmin (f16), scales[12], qs[128]. Eight sub-blocks of 32; each 32
     # bytes of qs hold two sub-blocks (low nibbles, then high). x = d*sc*q - dmin*m.
     n = b.shape[0]
-    scale, mins = _k_scale_min(b[:, 4:16])
-    dl = _f16(b, 0) * _f32(scale)
-    ml = _f16(b, 2) * _f32(mins)
+    scale, mins = k_scale_min(b[:, 4:16])
+    dl = f16_at(b, 0) * _f32(scale)
+    ml = f16_at(b, 2) * _f32(mins)
     q = _fields(b[:, 16:144].reshape(n, 4, 32), 4).reshape(n, 8, 32)
     return (dl[..., None] * _f32(q) - ml[..., None]).reshape(n, QK_K)
 
@@ -179,9 +181,9 @@ def _decode_q5_k(b):
     # block_q5_K: d, dmin (f16), scales[12], qh[32], qs[128]: Q4_K plus a fifth bit,
     # bit s of qh[j] belonging to element j of sub-block s.
     n = b.shape[0]
-    scale, mins = _k_scale_min(b[:, 4:16])
-    dl = _f16(b, 0) * _f32(scale)
-    ml = _f16(b, 2) * _f32(mins)
+    scale, mins = k_scale_min(b[:, 4:16])
+    dl = f16_at(b, 0) * _f32(scale)
+    ml = f16_at(b, 2) * _f32(mins)
     low = _fields(b[:, 48:176].reshape(n, 4, 32), 4).reshape(n, 8, 32)
     high = _fields(b[:, 16:48], 1)
     q = low | (high << 4)
@@ -196,7 +198,7 @@ def _decode_q6_k(b):
     low = _fields(b[:, 0:128].reshape(n, 2, 64), 4).reshape(n, 16, 16)
     high = _fields(b[:, 128:192].reshape(n, 2, 32), 2).reshape(n, 16, 16)
     scales = lax.bitcast_convert_type(b[:, 192:208], jnp.int8)
-    dl = _f16(b, 208) * _f32(scales)
+    dl = f16_at(b, 208) * _f32(scales)
     q = _f32(low | (high << 4)) - 32.0
     return (dl[..., None] * q).reshape(n, QK_K)
 

@@ -37,7 +37,7 @@ from jaxllama.errors import (
     ModelNotLoaded,
     UnsupportedOperation,
 )
-from jaxllama.models import llama, phi3, qwen
+from jaxllama.models import transformer
 from jaxllama.models.config import ModelConfig, ModelType
 from jaxllama.models.transformer import KVCache
 from jaxllama.models.weights import LoadedModel, load_gguf
@@ -76,9 +76,7 @@ class _OnMesh:
 # The table the adapter dispatches on. Every family runs the one transformer today; a
 # family with its own block would register its own forward here.
 MODEL_FUNCTIONS: dict[ModelType, ModelFunctions] = {
-    ModelType.Qwen2_5: ModelFunctions(forward=qwen.forward),
-    ModelType.Phi3: ModelFunctions(forward=phi3.forward),
-    ModelType.Llama3: ModelFunctions(forward=llama.forward),
+    model_type: ModelFunctions(forward=transformer.forward) for model_type in ModelType
 }
 
 

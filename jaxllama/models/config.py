@@ -2,8 +2,9 @@
 
 Qwen2.5, Phi-3 and Llama 3 (SmolLM2 included) are one architecture with switches; the
 config holds the shapes and the switches, nothing that changes per request, so it can be
-a static argument of `jax.jit`. `config_from_gguf` reads it from a file's metadata; the
-family modules (`qwen`, `phi3`, `llama`) hold the published presets.
+a static argument of `jax.jit`. `config_from_gguf` reads it from a file's metadata, with
+the switches of the file's family (`jaxllama.models.families`); the family modules
+(`qwen`, `phi3`, `llama`) hold the published presets. JAX-free.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from jaxllama.errors import ConfigMismatchError, GGUFError, InvalidModelType
+from jaxllama.errors import ConfigMismatchError, GGUFError
 
 
 class ModelType(enum.Enum):
-    """The families of the published adapter design."""
+    """The model types of the published adapter design: the adapter's dispatch key (which
+    model functions run a model). Each registered `Family` names the one that runs it."""
 
     Qwen2_5 = "qwen2"
     Phi3 = "phi3"
@@ -27,13 +29,16 @@ class ModelType(enum.Enum):
 
     @classmethod
     def from_architecture(cls, arch: str) -> "ModelType":
-        for member in cls:
-            if member.value == arch:
-                return member
-        raise InvalidModelType(
-            arch, f"GGUF architecture {arch!r} is not supported; supported: "
-            + ", ".join(m.value for m in cls)
-        )
+        """The type of GGUF architecture `arch`'s family; InvalidModelType if none."""
+        return _family(arch).model_type
+
+
+def _family(arch: str):
+    """The registered family of `arch`. Imported here, not at the top: the registry
+    imports the family pages, whose presets are `ModelConfig`s of this module."""
+    from jaxllama.models.families import family_for
+
+    return family_for(arch)
 
 
 ROPE_INTERLEAVED = "interleaved"  # GGML "NORM": rotate pairs (x[2i], x[2i+1])
@@ -195,7 +200,7 @@ def config_from_gguf(gguf_file) -> ModelConfig:
     """Read a ModelConfig from a parsed GGUF file (metadata plus the tensor table)."""
     meta, where = gguf_file.metadata, str(gguf_file.path)
     arch = gguf_file.architecture
-    ModelType.from_architecture(arch)  # raises InvalidModelType for anything else
+    family = _family(arch)  # raises InvalidModelType for an architecture not registered
     p = arch + "."
     num = (int, float)
     hidden = _meta(meta, p + "embedding_length", int, where)
@@ -211,9 +216,10 @@ def config_from_gguf(gguf_file) -> ModelConfig:
             f"{head_dim}) are not supported"
         )
     tensors = gguf_file.tensors
-    if "token_embd.weight" not in tensors:
-        raise GGUFError(f"{where}: required tensor token_embd.weight is missing")
-    vocab = _meta(meta, p + "vocab_size", int, where, tensors["token_embd.weight"].shape[0])
+    embed = family.tensor_name("embed")
+    if embed not in tensors:
+        raise GGUFError(f"{where}: required tensor {embed} is missing")
+    vocab = _meta(meta, p + "vocab_size", int, where, tensors[embed].shape[0])
     ffn = _meta(meta, p + "feed_forward_length", int, where)
     fields: dict[str, Any] = dict(
         arch=arch,
@@ -227,9 +233,10 @@ def config_from_gguf(gguf_file) -> ModelConfig:
         rms_eps=float(_meta(meta, p + "attention.layer_norm_rms_epsilon", num, where)),
         context_length=_meta(meta, p + "context_length", int, where),
         rope_theta=float(_meta(meta, p + "rope.freq_base", num, where, 10000.0)),
-        rope_style=ROPE_INTERLEAVED if arch == "llama" else ROPE_HALF,
-        qkv_bias="blk.0.attn_q.bias" in tensors,
-        tied_output="output.weight" not in tensors,
+        rope_style=family.rope_style,
+        # Optional tensors: the file says whether it has biases and an untied output.
+        qkv_bias=family.tensor_name("bq").format(i=0) in tensors,
+        tied_output=family.tensor_name("output") not in tensors,
     )
     window = meta.get(p + "attention.sliding_window")
     if isinstance(window, int) and window > 0:
@@ -242,7 +249,8 @@ def config_from_gguf(gguf_file) -> ModelConfig:
     if scaling == "linear" and "rope_freq_factors" not in fields:
         factor = float(_meta(meta, p + "rope.scaling.factor", num, where))
         fields["rope_freq_factors"] = (factor,) * (head_dim // 2)
-    elif scaling not in (None, "none", "linear", "longrope") and arch != "phi3":
+    elif (scaling is not None and family.rope_scaling_types is not None
+          and scaling not in family.rope_scaling_types):
         raise GGUFError(f"{where}: rope scaling type {scaling!r} is not supported")
     if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
         long_f = tensors.get("rope_factors_long.weight")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 
 from jaxllama.models.config import ROPE_INTERLEAVED, ModelConfig, ModelType, llama3_freq_factors
-from jaxllama.models.transformer import decode_step, forward, prefill  # noqa: F401  (this family's model functions)
-from jaxllama.models.weights import FamilyLoader
+from jaxllama.models.family import Family, FamilyLoader
 
 MODEL_TYPE = ModelType.Llama3
+FAMILY = Family(arch="llama", model_type=MODEL_TYPE, rope_style=ROPE_INTERLEAVED)
 
 
 class Llama3Config:
@@ -25,7 +25,7 @@ class Llama3Config:
         return ModelConfig(
             arch="llama", vocab_size=128256, hidden_dim=4096, num_layers=32, num_heads=32,
             num_kv_heads=8, head_dim=128, ffn_dim=14336, rms_eps=1e-5, context_length=8192,
-            rope_theta=500000.0, rope_style=ROPE_INTERLEAVED,
+            rope_theta=500000.0, rope_style=FAMILY.rope_style,
         )
 
     @staticmethod
@@ -39,7 +39,7 @@ class Llama3Config:
         return ModelConfig(
             arch="llama", vocab_size=128256, hidden_dim=2048, num_layers=16, num_heads=32,
             num_kv_heads=8, head_dim=64, ffn_dim=8192, rms_eps=1e-5, context_length=131072,
-            rope_theta=500000.0, rope_style=ROPE_INTERLEAVED, tied_output=True,
+            rope_theta=500000.0, rope_style=FAMILY.rope_style, tied_output=True,
             rope_freq_factors=llama3_freq_factors(
                 64, 500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                 original_context=8192,
@@ -51,8 +51,13 @@ class Llama3Config:
         return ModelConfig(
             arch="llama", vocab_size=49152, hidden_dim=576, num_layers=30, num_heads=9,
             num_kv_heads=3, head_dim=64, ffn_dim=1536, rms_eps=1e-5, context_length=8192,
-            rope_theta=100000.0, rope_style=ROPE_INTERLEAVED, tied_output=True,
+            rope_theta=100000.0, rope_style=FAMILY.rope_style, tied_output=True,
         )
 
 
+PRESETS = {
+    "llama3-8b": Llama3Config.llama3_8b,
+    "llama3.2-1b": Llama3Config.llama3_2_1b,
+    "smollm2-135m": Llama3Config.smollm2_135m,
+}
 Llama3WeightLoader = FamilyLoader(MODEL_TYPE, "Llama3WeightLoader")

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxllama.models import params_spec
 from jaxllama.models.config import ModelConfig
 from jaxllama.models.transformer import LayerParams, Params
 from jaxllama.models.weights import LoadedModel, check_device_memory
@@ -41,13 +42,16 @@ def _random_layer(key: jax.Array, *, config: ModelConfig, dtype: Any) -> LayerPa
     # One program for all of a layer's tensors, compiled once and called per layer.
     fields = {}
     for i, (name, shape) in enumerate(param_shapes(config).items()):
-        if name.endswith("norm"):
-            fields[name] = jnp.ones(shape, dtype)
-        elif name.startswith("b"):
-            fields[name] = _uniform(jax.random.fold_in(key, i), shape, BIAS_STD, dtype)
-        else:
-            fields[name] = _uniform(jax.random.fold_in(key, i), shape, 1.0 / math.sqrt(shape[1]), dtype)
+        fields[name] = _init(params_spec.FIELDS[name].init, jax.random.fold_in(key, i), shape, dtype)
     return LayerParams(**fields)
+
+
+def _init(init: str, key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """A field's values by its `params_spec.FieldSpec.init` (see the module doc)."""
+    if init == "ones":
+        return jnp.ones(shape, dtype)
+    std = {"bias": BIAS_STD, "embed": EMBED_STD}.get(init) or 1.0 / math.sqrt(shape[1])
+    return _uniform(key, shape, std, dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "std", "dtype"))
@@ -57,24 +61,12 @@ def _random_matrix(key: jax.Array, *, shape: tuple[int, ...], std: float, dtype:
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every leaf of one layer (`LayerParams` field names) for `config`."""
-    d, q, kv, f = config.hidden_dim, config.q_dim, config.kv_dim, config.ffn_dim
-    shapes = {
-        "attn_norm": (d,), "wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q),
-        "ffn_norm": (d,), "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f),
-    }
-    if config.qkv_bias:
-        shapes.update(bq=(q,), bk=(kv,), bv=(kv,))
-    return shapes
+    return params_spec.layer_shapes(config)
 
 
 def weight_bytes(config: ModelConfig, dtype: Any) -> int:
     """Bytes of the params `random_params(config, dtype)` makes (and a GGUF load makes)."""
-    per_layer = sum(math.prod(s) for s in param_shapes(config).values())
-    embed = config.vocab_size * config.hidden_dim
-    total = embed + config.num_layers * per_layer + config.hidden_dim
-    if not config.tied_output:
-        total += embed
-    return total * jnp.dtype(dtype).itemsize
+    return params_spec.weight_bytes(config, jnp.dtype(dtype).itemsize)
 
 
 def random_params(config: ModelConfig, dtype: Any = jnp.bfloat16, seed: int = 0) -> Params:
@@ -86,16 +78,20 @@ def random_params(config: ModelConfig, dtype: Any = jnp.bfloat16, seed: int = 0)
     """
     dtype = jnp.dtype(dtype)
     key = jax.random.PRNGKey(seed)
-    vd = (config.vocab_size, config.hidden_dim)
-    embed = _random_matrix(jax.random.fold_in(key, 0), shape=vd, std=EMBED_STD, dtype=dtype)
-    output = None
-    if not config.tied_output:
-        output = _random_matrix(jax.random.fold_in(key, 1), shape=vd,
-                                std=1.0 / math.sqrt(config.hidden_dim), dtype=dtype)
+    # Keys 0 and 1 for the embedding and the output projection, 2 + i for layer i.
+    top_keys = {"embed": 0, "output": 1}
+    top = {}
+    for name, shape in params_spec.field_shapes(config).items():
+        init = params_spec.FIELDS[name].init
+        if init == "ones":
+            top[name] = jnp.ones(shape, dtype)
+        else:
+            std = EMBED_STD if init == "embed" else 1.0 / math.sqrt(shape[1])
+            top[name] = _random_matrix(jax.random.fold_in(key, top_keys[name]), shape=shape,
+                                       std=std, dtype=dtype)
     layers = tuple(_random_layer(jax.random.fold_in(key, 2 + i), config=config, dtype=dtype)
                    for i in range(config.num_layers))
-    return Params(embed=embed, layers=layers, final_norm=jnp.ones((config.hidden_dim,), dtype),
-                  output=output)
+    return Params(layers=layers, **top)
 
 
 def synthetic_tokenizer_metadata(vocab_size: int) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """From a GGUF file to a config and a params pytree on the default JAX device.
 
-The mapping from llama.cpp's tensor names onto `Params` is the same for every family;
-what differs is expressed by the tensors a file holds: q/k/v biases (Qwen2), a fused
-`attn_qkv` (Phi-3, split here by rows), and a fused gate+up in `ffn_up` with 2*F rows,
-gate first (Phi-3). Everything is checked (presence, shape, block type) before the first
-byte is dequantized, so a bad file costs no device memory; if dequantization fails
-midway, the arrays made so far are deleted before the error propagates.
+Which tensor (and which rows of it) each `Params` field is read from is the plan
+`jaxllama.models.params_spec.tensor_plan` derives from the file's family page: llama.cpp's
+names, Phi-3's fused `attn_qkv` and gate-first `ffn_up` split by rows; q/k/v biases
+and a separate output projection where the file holds them. Everything is checked
+(presence, shape, block type) before the first byte is dequantized, so a bad file costs
+no device memory; if dequantization fails midway, the arrays made so far are deleted
+before the error propagates.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from jaxllama.errors import (
     ConfigMismatchError,
     DeviceMemoryError,
     GGUFError,
-    InvalidModelType,
     InvalidRequestError,
     UnsupportedTensorTypeError,
 )
 from jaxllama.gguf import dequant
 from jaxllama.gguf.reader import GGUFFile, GGUFTensor, read_gguf
+from jaxllama.models import params_spec
 from jaxllama.models.config import ModelConfig, ModelType, check_config_matches, config_from_gguf
+from jaxllama.models.families import family_for
 from jaxllama.models.transformer import LayerParams, Params
 from jaxllama.sharding import ShardingPlan
 
@@ -64,21 +66,15 @@ def default_dtype():
 
 
 # `weights=` on loading: dense at a float dtype, or kept quantized (jaxllama.quant).
-DENSE_WEIGHTS = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
-QUANTIZED_WEIGHTS = ("int8", "int4", "native")
-WEIGHT_OPTIONS = (*DENSE_WEIGHTS, *QUANTIZED_WEIGHTS)
-# The (out, in) matmul weights a quantized mode keeps quantized (norms and biases never).
-_MATMUL_FIELDS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "embed", "output"})
+DENSE_WEIGHTS = dict(zip(params_spec.DENSE_WEIGHTS, (jnp.float32, jnp.bfloat16, jnp.float16)))
+QUANTIZED_WEIGHTS = params_spec.QUANTIZED_WEIGHTS
+WEIGHT_OPTIONS = params_spec.WEIGHT_OPTIONS
 
 
 def _field_mode(field: str, mode: str, qtype) -> str:
-    """The conversion mode of one field. Under "int4" the embedding and output projection
-    stay int8 unless the file already holds them in a 4-bit type (kept exactly): as in
-    llama.cpp's own 4-bit mixes, where they are Q6_K/Q8_0. Requantized to int4, SmolLM2's
-    tied table gave top-1 agreement with float32 0.79, against 1.00 kept at int8."""
-    if mode == "int4" and field in ("embed", "output") and qtype not in quant.EXACT_TYPES["int4"]:
-        return "int8"
-    return mode
+    """The conversion mode of one field (`params_spec.field_mode`: under "int4" the
+    vocabulary tables stay int8 unless the file holds them in a 4-bit type)."""
+    return params_spec.field_mode(field, mode, qtype in quant.EXACT_TYPES["int4"])
 
 
 def resolve_weights(weights: str | None, dtype: Any) -> tuple[Any, str | None]:
@@ -105,60 +101,14 @@ def resolve_weights(weights: str | None, dtype: Any) -> tuple[Any, str | None]:
     return jnp.dtype(dtype or default_dtype()), weights
 
 
-# (params field, GGUF tensor suffix, row range as (start, end) in units resolved per config)
-def _layer_plan(gguf_file: GGUFFile, config: ModelConfig, i: int) -> dict[str, tuple[str, tuple[int, int] | None]]:
-    blk = f"blk.{i}."
-    q, kv, f = config.q_dim, config.kv_dim, config.ffn_dim
-    plan: dict[str, tuple[str, tuple[int, int] | None]] = {
-        "attn_norm": (blk + "attn_norm.weight", None),
-        "wo": (blk + "attn_output.weight", None),
-        "ffn_norm": (blk + "ffn_norm.weight", None),
-        "w_down": (blk + "ffn_down.weight", None),
-    }
-    if blk + "attn_qkv.weight" in gguf_file.tensors:
-        name = blk + "attn_qkv.weight"
-        plan.update(wq=(name, (0, q)), wk=(name, (q, q + kv)), wv=(name, (q + kv, q + 2 * kv)))
-    else:
-        plan.update(wq=(blk + "attn_q.weight", None), wk=(blk + "attn_k.weight", None),
-                    wv=(blk + "attn_v.weight", None))
-    if config.qkv_bias:
-        plan.update(bq=(blk + "attn_q.bias", None), bk=(blk + "attn_k.bias", None),
-                    bv=(blk + "attn_v.bias", None))
-    if blk + "ffn_gate.weight" in gguf_file.tensors:
-        plan.update(w_gate=(blk + "ffn_gate.weight", None), w_up=(blk + "ffn_up.weight", None))
-    else:
-        name = blk + "ffn_up.weight"
-        plan.update(w_gate=(name, (0, f)), w_up=(name, (f, 2 * f)))
-    return plan
+def tensor_plan(gguf_file: GGUFFile, config: ModelConfig) -> params_spec.TensorPlan:
+    """The loading plan of `config` for `gguf_file`'s family (see `params_spec.tensor_plan`)."""
+    return params_spec.tensor_plan(family_for(gguf_file.architecture), config)
 
 
-def _expected_shapes(gguf_file: GGUFFile, config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    d, q, kv, f, v = config.hidden_dim, config.q_dim, config.kv_dim, config.ffn_dim, config.vocab_size
-    shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,)}
-    if not config.tied_output:
-        shapes["output.weight"] = (v, d)
-    for i in range(config.num_layers):
-        blk = f"blk.{i}."
-        shapes.update({
-            blk + "attn_norm.weight": (d,), blk + "attn_output.weight": (d, q),
-            blk + "ffn_norm.weight": (d,), blk + "ffn_down.weight": (d, f),
-        })
-        if blk + "attn_qkv.weight" in gguf_file.tensors:
-            shapes[blk + "attn_qkv.weight"] = (q + 2 * kv, d)
-        else:
-            shapes.update({blk + "attn_q.weight": (q, d), blk + "attn_k.weight": (kv, d),
-                           blk + "attn_v.weight": (kv, d)})
-        if config.qkv_bias:
-            shapes.update({blk + "attn_q.bias": (q,), blk + "attn_k.bias": (kv,), blk + "attn_v.bias": (kv,)})
-        if blk + "ffn_gate.weight" in gguf_file.tensors:
-            shapes.update({blk + "ffn_gate.weight": (f, d), blk + "ffn_up.weight": (f, d)})
-        else:
-            shapes[blk + "ffn_up.weight"] = (2 * f, d)
-    return shapes
-
-
-def check_tensors(gguf_file: GGUFFile, config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the model needs is present, of the config's shape and a supported type."""
+def check_tensors(gguf_file: GGUFFile, config: ModelConfig) -> params_spec.TensorPlan:
+    """Every tensor the model needs is present, of the config's shape and a supported type.
+    Returns the loading plan those checks were made against."""
     # block_count is a header number: bound it by the tensor table before planning one
     # entry per layer, so a corrupt count is an error, not billions of dict entries.
     if config.num_layers > len(gguf_file.tensors):
@@ -166,30 +116,20 @@ def check_tensors(gguf_file: GGUFFile, config: ModelConfig) -> dict[str, tuple[i
             f"{gguf_file.path}: block_count is {config.num_layers}, but the file holds only "
             f"{len(gguf_file.tensors)} tensors"
         )
-    shapes = _expected_shapes(gguf_file, config)
-    for name, shape in shapes.items():
+    plan = tensor_plan(gguf_file, config)
+    for name, shape in plan.shapes.items():
         tensor = gguf_file.tensor(name)
         if tensor.shape != shape:
             raise ConfigMismatchError(
                 f"{gguf_file.path}: tensor {name} has shape {tensor.shape}, expected {shape} "
-                f"from the config ({_shape_hint(name)})"
+                f"from the config ({params_spec.shape_hint(plan.field_of[name])})"
             )
         if tensor.qtype not in dequant.SUPPORTED_TYPES:
             raise UnsupportedTensorTypeError(
                 f"{gguf_file.path}: tensor {name}: type {tensor.qtype.name} is not supported; "
                 "supported: " + ", ".join(t.name for t in dequant.SUPPORTED_TYPES)
             )
-    return shapes
-
-
-def _shape_hint(name: str) -> str:
-    if "token_embd" in name or name == "output.weight":
-        return "vocab_size x hidden_dim"
-    if "ffn" in name:
-        return "ffn_dim and hidden_dim"
-    if "attn" in name:
-        return "num_heads/num_kv_heads x head_dim and hidden_dim"
-    return "hidden_dim"
+    return plan
 
 
 def free_device_memory(device: jax.Device | None = None) -> int | None:
@@ -235,14 +175,15 @@ def quantize_params(params: Params, kind: str) -> Params:
     if kind not in ("int8", "int4"):
         raise InvalidRequestError(f"quantize_params: kind {kind!r}; expected 'int8' or 'int4' "
                                   "('native' needs the GGUF file's block types)")
-    def q(field, w):
-        return quant.quantize(w, _field_mode(field, kind, None), name=field)
+    def q(fields, tree):
+        return tree.replace(**{
+            f.name: quant.quantize(getattr(tree, f.name), params_spec.field_mode(f.name, kind, False),
+                                   name=f.name)
+            for f in fields if f.quantizable and getattr(tree, f.name) is not None
+        })
 
-    layers = tuple(layer.replace(**{f: q(f, getattr(layer, f)) for f in _MATMUL_FIELDS
-                                    if hasattr(layer, f)})
-                   for layer in params.layers)
-    return params.replace(embed=q("embed", params.embed), layers=layers,
-                          output=None if params.output is None else q("output", params.output))
+    return q(params_spec.TOP_FIELDS, params).replace(
+        layers=tuple(q(params_spec.LAYER_FIELDS, layer) for layer in params.layers))
 
 
 def _bounds(index: slice, size: int) -> tuple[int, int]:
@@ -293,17 +234,18 @@ def _row_range(t: GGUFTensor, rows: tuple[int, int] | None):
     return (t.data if rows is None else t.data[rows[0]:rows[1]]), shape
 
 
-_FIELD_OF = {"token_embd": "embed", "output": "output"}  # GGUF name part -> field, for _field_mode
-
-
-def _estimate_bytes(gguf_file: GGUFFile, shapes: dict[str, tuple[int, ...]], dtype, mode) -> float:
-    """Device bytes the loaded params will take (quantized tensors at their kind's size)."""
+def _estimate_bytes(gguf_file: GGUFFile, plan: params_spec.TensorPlan, config: ModelConfig,
+                    dtype, mode) -> float:
+    """Device bytes the loaded params will take (quantized fields at their kind's size)."""
     total = 0.0
-    for name, shape in shapes.items():
-        t = gguf_file.tensors[name]
-        kind = (quant.kind_for(t.qtype, _field_mode(_FIELD_OF.get(name.split(".")[-2], ""), mode, t.qtype))
-                if mode is not None and len(shape) == 2 else None)
-        total += math.prod(shape) * (quant.BYTES_PER_WEIGHT[kind] if kind else dtype.itemsize)
+    for sources in (plan.top, *plan.layers):
+        for field, source in sources.items():
+            spec = params_spec.FIELDS[field]
+            qtype = gguf_file.tensors[source.tensor].qtype
+            kind = (quant.kind_for(qtype, _field_mode(field, mode, qtype))
+                    if mode is not None and spec.quantizable else None)
+            size = math.prod(spec.shape(config))
+            total += size * (quant.BYTES_PER_WEIGHT[kind] if kind else dtype.itemsize)
     return total
 
 
@@ -399,8 +341,8 @@ def load_gguf(
     config = file_config
     plan = None if mesh is None else ShardingPlan(mesh, config)
     dtype, mode = resolve_weights(weights, dtype)
-    shapes = check_tensors(gguf_file, config)
-    check_device_memory(int(_estimate_bytes(gguf_file, shapes, dtype, mode))
+    layout = check_tensors(gguf_file, config)
+    check_device_memory(int(_estimate_bytes(gguf_file, layout, config, dtype, mode))
                         // (1 if plan is None else plan.model_size), str(gguf_file.path))
 
     made: list[jax.Array] = []
@@ -411,9 +353,7 @@ def load_gguf(
 
     def load(name: str) -> jax.Array:
         t = gguf_file.tensors[name]
-        arr = dequant.dequantize(t.data, t.qtype, t.shape, dtype, name=name)
-        bar.update(1)
-        return keep(arr)
+        return keep(dequant.dequantize(t.data, t.qtype, t.shape, dtype, name=name))
 
     def place(name: str, rows, sharding: NamedSharding) -> jax.Array:
         return keep(_place_field(gguf_file.tensors[name], rows, dtype, sharding))
@@ -421,7 +361,7 @@ def load_gguf(
     def quantized(field: str, name: str, rows):
         """The field kept quantized, or None where the mode keeps this tensor dense."""
         t = gguf_file.tensors[name]
-        if mode is None or field not in _MATMUL_FIELDS:
+        if mode is None or not params_spec.FIELDS[field].quantizable:
             return None
         field_mode = _field_mode(field, mode, t.qtype)
         if quant.kind_for(t.qtype, field_mode) is None:
@@ -432,45 +372,30 @@ def load_gguf(
         sharding = plan.quantized_sharding(field, _field_shape(t, rows))
         return keep(_place_quantized(t, rows, field_mode, sharding))
 
-    try:
-        with tqdm(total=len(shapes), desc=f"loading {gguf_file.path.name}", unit="tensor",
-                  disable=not progress, leave=False) as bar:
-            def top(field, name):
-                q = quantized(field, name, None)
-                if q is not None:
-                    bar.update(1)
-                    return q
-                if plan is None:
-                    return load(name)
-                bar.update(1)
-                return place(name, None, plan.top_sharding(field, len(gguf_file.tensors[name].shape)))
+    def read(sources: dict[str, params_spec.TensorSource]) -> dict[str, Any]:
+        """The fields of `sources`, each tensor decoded once (a fused one sliced by rows)."""
+        fields, whole = {}, {}
+        for field, src in sources.items():
+            q = quantized(field, src.tensor, src.rows)
+            if q is not None:
+                fields[field] = q
+            elif plan is not None:
+                ndim = len(gguf_file.tensors[src.tensor].shape)
+                fields[field] = place(src.tensor, src.rows, plan.field_sharding(field, ndim))
+            else:
+                if src.tensor not in whole:
+                    whole[src.tensor] = load(src.tensor)
+                arr = whole[src.tensor]
+                fields[field] = arr if src.rows is None else arr[src.rows[0]:src.rows[1]]
+        bar.update(len({src.tensor for src in sources.values()}))
+        return fields
 
-            embed = top("embed", "token_embd.weight")
-            layers = []
-            for i in range(config.num_layers):
-                fields, cache = {}, {}
-                plan_i = _layer_plan(gguf_file, config, i)
-                for field, (name, rows) in plan_i.items():
-                    q = quantized(field, name, rows)
-                    if q is not None:
-                        fields[field] = q
-                        continue
-                    if plan is not None:
-                        ndim = len(gguf_file.tensors[name].shape)
-                        fields[field] = place(name, rows, plan.layer_sharding(field, ndim))
-                        continue
-                    if name not in cache:
-                        cache[name] = load(name)
-                    fields[field] = cache[name] if rows is None else cache[name][rows[0]:rows[1]]
-                # Tensors not loaded whole through `load` (which counts its own).
-                bar.update(len({name for name, _ in plan_i.values()} - set(cache)))
-                layers.append(LayerParams(**fields))
-            params = Params(
-                embed=embed,
-                layers=tuple(layers),
-                final_norm=top("final_norm", "output_norm.weight"),
-                output=None if config.tied_output else top("output", "output.weight"),
-            )
+    try:
+        with tqdm(total=len(layout.shapes), desc=f"loading {gguf_file.path.name}", unit="tensor",
+                  disable=not progress, leave=False) as bar:
+            top = read(layout.top)
+            layers = tuple(LayerParams(**read(sources)) for sources in layout.layers)
+            params = Params(layers=layers, **top)
             # Fused tensors were sliced into copies: free the fused originals now.
             kept = {id(x) for x in jax.tree_util.tree_leaves(params)}
             for arr in made:
@@ -483,34 +408,3 @@ def load_gguf(
         raise
     return LoadedModel(config=config, params=params, metadata=gguf_file.metadata,
                        path=gguf_file.path, dtype=dtype, plan=plan, weights=mode or "dense")
-
-
-class FamilyLoader:
-    """`XWeightLoader.load_to_vram(path, config)` of the published design, for one family.
-
-    The file must be of this loader's family: a Phi-3 file given to the Qwen loader is an
-    `InvalidModelType` naming the file's family.
-    """
-
-    def __init__(self, model_type: ModelType, name: str):
-        self.model_type = model_type
-        self.__name__ = self.__qualname__ = name
-
-    def load_to_vram(self, path: str | os.PathLike, config: ModelConfig | None = None, *,
-                     dtype: Any = None, weights: str | None = None, progress: bool = True,
-                     mesh: Mesh | None = None) -> LoadedModel:
-        if config is not None and config.model_type != self.model_type:
-            raise InvalidModelType(
-                config.model_type, f"{self.__name__} loads {self.model_type.name} models"
-            )
-        gguf_file = read_gguf(path)
-        file_type = ModelType.from_architecture(gguf_file.architecture)
-        if file_type != self.model_type:
-            raise InvalidModelType(
-                file_type, f"{gguf_file.path} holds a {file_type.name} model; "
-                f"{self.__name__} loads {self.model_type.name} models"
-            )
-        return load_gguf(gguf_file, config, dtype=dtype, weights=weights, progress=progress, mesh=mesh)
-
-    def __repr__(self) -> str:
-        return self.__name__

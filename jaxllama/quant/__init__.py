@@ -6,7 +6,13 @@
 `from_gguf_blocks` (GGUF tensor bytes -> QuantizedWeight) and `quantize` (dense floats
 -> QuantizedWeight); `matmul.qlinear` multiplies by one, through XLA or the Pallas kernel
 in `jaxllama.pallas.quant_matmul`.
+
+The kernel module imports `formats`; `matmul` imports the kernel. So `qlinear` and
+`PALLAS_MAX_ROWS` load on first use (PEP 562): importing the kernel first then finds
+`formats` whole and `matmul` not yet started, with no import-order rule to keep.
 """
+
+from typing import TYPE_CHECKING
 
 from jaxllama.quant.formats import (
     BLOCK,
@@ -17,7 +23,19 @@ from jaxllama.quant.formats import (
     kind_for,
     quantize,
 )
-from jaxllama.quant.matmul import PALLAS_MAX_ROWS, qlinear
+
+if TYPE_CHECKING:
+    from jaxllama.quant.matmul import PALLAS_MAX_ROWS, qlinear  # noqa: F401
 
 __all__ = ["BLOCK", "BYTES_PER_WEIGHT", "EXACT_TYPES", "PALLAS_MAX_ROWS", "QuantizedWeight", "from_gguf_blocks",
            "kind_for", "qlinear", "quantize"]
+
+
+def __getattr__(name: str):
+    if name in ("PALLAS_MAX_ROWS", "qlinear"):
+        from jaxllama.quant import matmul
+
+        value = getattr(matmul, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

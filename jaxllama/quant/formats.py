@@ -68,7 +68,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from jax import lax
 
 from jaxllama.errors import GGUFError, InvalidRequestError, UnsupportedTensorTypeError
-from jaxllama.gguf.dequant import SUPPORTED_TYPES, _f16, _k_scale_min, _le_uint
+from jaxllama.gguf.dequant import SUPPORTED_TYPES, f16_at, k_scale_min, le_uint
 from jaxllama.gguf.dequant import dequantize as dequantize_gguf
 
 QT = GGMLQuantizationType
@@ -303,18 +303,18 @@ def quantize(w, kind: Kind, *, name: str = "<tensor>") -> QuantizedWeight:
 
 def _exact_q8_0(b):
     q = lax.bitcast_convert_type(b[:, 2:34], jnp.int8)
-    d = lax.bitcast_convert_type(_le_uint(b, 0, 2), jnp.float16)  # kept in float16
+    d = lax.bitcast_convert_type(le_uint(b, 0, 2), jnp.float16)  # kept in float16
     return q, d[:, None], None
 
 
 def _exact_q4_0(b):
     # Q4_0's qs[16] is already this module's int4 packing (element i low, i + 16 high).
-    d = _f16(b, 0)
+    d = f16_at(b, 0)
     return b[:, 2:18], d, -8.0 * d
 
 
 def _exact_q4_1(b):
-    return b[:, 4:20], _f16(b, 0), _f16(b, 2)
+    return b[:, 4:20], f16_at(b, 0), f16_at(b, 2)
 
 
 def _exact_q4_k(b):
@@ -322,13 +322,13 @@ def _exact_q4_k(b):
     # 2j in their low nibbles and 2j + 1 in their high ones. Repack every sub-block
     # into 16 bytes, element i low and element i + 16 high.
     n = b.shape[0]
-    scale, mins = _k_scale_min(b[:, 4:16])
+    scale, mins = k_scale_min(b[:, 4:16])
     qs = b[:, 16:144].reshape(n, 4, 2, 16)
     first, second = qs[:, :, 0], qs[:, :, 1]  # elements 0-15 / 16-31 of both sub-blocks
     even = (first & 0xF) | ((second & 0xF) << 4)
     odd = (first >> 4) | (second & 0xF0)
     q = jnp.stack([even, odd], axis=2).reshape(n, 8 * 16)
-    return q, _f16(b, 0) * scale.astype(jnp.float32), -(_f16(b, 2) * mins.astype(jnp.float32))
+    return q, f16_at(b, 0) * scale.astype(jnp.float32), -(f16_at(b, 2) * mins.astype(jnp.float32))
 
 
 _EXACT = {QT.Q8_0: _exact_q8_0, QT.Q4_0: _exact_q4_0, QT.Q4_1: _exact_q4_1, QT.Q4_K: _exact_q4_k}

@@ -22,8 +22,6 @@ import jax.numpy as jnp
 
 from jaxllama.errors import InvalidRequestError
 
-# The module, not its names: it imports jaxllama.quant.formats, so importing the kernel
-# module first would otherwise find this one half-initialized.
 from jaxllama.pallas import quant_matmul as _kernel
 from jaxllama.quant.formats import QuantizedWeight
 
