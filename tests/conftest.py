@@ -12,6 +12,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight virtual CPU devices, for the sharding tests' meshes (test_sharding.py); every
 # other test runs on the first of them, as on one device.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The command line keeps compiled programs in ~/.cache/jaxllama/xla-cache by default; the
+# tests that call it in-process or spawn it must not fill the user's cache or turn cache
+# hits on for the rest of the session. Tests of the cache point it at a tmp dir.
+os.environ.setdefault("JAXLLAMA_COMPILATION_CACHE", "off")
 
 from jaxllama import hub  # noqa: E402
 

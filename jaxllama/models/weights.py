@@ -22,7 +22,7 @@ from gguf import GGML_QUANT_SIZES
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
-from jaxllama import quant
+from jaxllama import hub, quant
 from jaxllama.errors import (
     ConfigMismatchError,
     DeviceMemoryError,
@@ -392,7 +392,7 @@ def load_gguf(
     "data" and "model", see `jaxllama.sharding`), each tensor is streamed to its shards: every device decodes
     only the rows/columns it holds, straight from the file's bytes.
     """
-    gguf_file = path if isinstance(path, GGUFFile) else read_gguf(path)
+    gguf_file = path if isinstance(path, GGUFFile) else read_gguf(hub.resolve(path))
     file_config = config_from_gguf(gguf_file)
     if config is not None:
         check_config_matches(config, file_config, str(gguf_file.path))
@@ -503,7 +503,7 @@ class FamilyLoader:
             raise InvalidModelType(
                 config.model_type, f"{self.__name__} loads {self.model_type.name} models"
             )
-        gguf_file = read_gguf(path)
+        gguf_file = read_gguf(hub.resolve(path))  # a packaged name works as a path does
         file_type = ModelType.from_architecture(gguf_file.architecture)
         if file_type != self.model_type:
             raise InvalidModelType(
