@@ -698,8 +698,6 @@ class LlamaInferenceAdapter:
                 nll -= float(lp[first_target - begin - 1:].sum())
                 counted += end - first_target
             prev_end = end
-            if end == len(ids):
-                break
         return math.exp(nll / counted), counted
 
     # ----- lifecycle
