@@ -531,6 +531,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
+CHAT_PROMPT = ">>> "  # as ollama's
 # /command, argument, help: what `chat` understands (never sent to the model).
 CHAT_COMMANDS = (
     ("/help", "", "this list"),
@@ -639,7 +640,7 @@ def cmd_chat(args) -> int:
     interrupts = 0
     while True:
         try:
-            line = input("> ")
+            line = input(CHAT_PROMPT)
         except EOFError:
             print(file=sys.stderr)
             return 0
