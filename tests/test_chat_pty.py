@@ -15,7 +15,12 @@ import pytest
 
 pexpect = pytest.importorskip("pexpect")
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # pexpect forks this (JAX-threaded) pytest process, and the child execs the chat at
+    # once: nothing of the parent's threads runs in it, so JAX's fork warning is moot.
+    pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning"),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ">>> "
