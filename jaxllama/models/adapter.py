@@ -233,7 +233,7 @@ class LlamaInferenceAdapter:
 
     @classmethod
     def from_gguf(cls, path_or_name: str | os.PathLike, *, config: ModelConfig | None = None,
-                  dtype: Any = None, weights: str | None = None, progress: bool = True,
+                  dtype: Any = None, weights: str | None = None, progress: bool = False,
                   mesh=None, **kwargs) -> "LlamaInferenceAdapter":
         """Load a GGUF path or a packaged model name (see `jaxllama.hub`), any family.
 
@@ -244,6 +244,9 @@ class LlamaInferenceAdapter:
         With `mesh` (`jaxllama.sharding.make_mesh(model=..., data=...)`), the weights are
         streamed onto the mesh's devices, tensor-parallel over its `model` axis, and
         batches are split over its `data` axis (see `jaxllama.sharding`).
+
+        `progress=True` shows a loading bar on stderr (the command line's choice; a
+        library call is quiet by default).
         """
         path = hub.resolve(path_or_name)
         return cls.from_model(load_gguf(path, config, dtype=dtype, weights=weights,
@@ -680,7 +683,10 @@ class LlamaInferenceAdapter:
         if len(ids) < 2:
             raise InvalidRequestError("perplexity needs at least 2 tokens")
         nll, counted, prev_end = 0.0, 0, 0
-        starts = list(range(0, len(ids), stride))
+        # The windows up to the first that reaches the end, so a progress bar ends full.
+        starts = [0]
+        while starts[-1] + context < len(ids):
+            starts.append(starts[-1] + stride)
         for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
             end = min(begin + context, len(ids))
             window = ids[begin:end]
@@ -690,8 +696,6 @@ class LlamaInferenceAdapter:
                 nll -= float(lp[first_target - begin - 1:].sum())
                 counted += end - first_target
             prev_end = end
-            if end == len(ids):
-                break
         return math.exp(nll / counted), counted
 
     # ----- lifecycle

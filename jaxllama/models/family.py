@@ -15,6 +15,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING, Any, Mapping
 
+from jaxllama import hub
 from jaxllama.errors import InvalidModelType, InvalidRequestError
 from jaxllama.models.config import ROPE_HALF, ROPE_INTERLEAVED, ModelConfig, ModelType
 from jaxllama.models.params_spec import FIELDS, check_family_names
@@ -79,7 +80,7 @@ class FamilyLoader:
             raise InvalidModelType(
                 config.model_type, f"{self.__name__} loads {self.model_type.name} models"
             )
-        gguf_file = read_gguf(path)
+        gguf_file = read_gguf(hub.resolve(path))  # a packaged name works as a path does
         file_type = ModelType.from_architecture(gguf_file.architecture)
         if file_type != self.model_type:
             raise InvalidModelType(

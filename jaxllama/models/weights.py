@@ -23,7 +23,7 @@ from gguf import GGML_QUANT_SIZES
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
-from jaxllama import quant
+from jaxllama import hub, quant
 from jaxllama.errors import (
     ConfigMismatchError,
     DeviceMemoryError,
@@ -334,7 +334,7 @@ def load_gguf(
     "data" and "model", see `jaxllama.sharding`), each tensor is streamed to its shards: every device decodes
     only the rows/columns it holds, straight from the file's bytes.
     """
-    gguf_file = path if isinstance(path, GGUFFile) else read_gguf(path)
+    gguf_file = path if isinstance(path, GGUFFile) else read_gguf(hub.resolve(path))
     file_config = config_from_gguf(gguf_file)
     if config is not None:
         check_config_matches(config, file_config, str(gguf_file.path))

@@ -1,0 +1,354 @@
+"""The command line as a new user meets it: options refused before anything loads (named
+by their flag), generate's --json / --stats / --stop / -f, the compilation cache on by
+default and robust to a corrupt entry, a closed pipe, and the small feedback items."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxllama import cli, hub
+from jaxllama.errors import HubError
+
+ROOT = Path(__file__).resolve().parent.parent
+README_PROMPT = "Write a Python function that reverses a string."
+SMOL = "smollm2-135m-instruct"
+
+# (argv, the flag the message must name, more text it must hold)
+BAD_OPTIONS = [
+    (["generate", "--prompt", "x", "--temperature", "-1"], "--temperature", ">= 0"),
+    (["generate", "--prompt", "x", "--top-p", "0"], "--top-p", "(0, 1]"),
+    (["generate", "--prompt", "x", "--top-k", "-3"], "--top-k", ">= 0"),
+    (["generate", "--prompt", "x", "--max-tokens", "0"], "--max-tokens", ">= 1"),
+    (["generate", "--prompt", "x", "--min-p", "1"], "--min-p", "[0, 1)"),
+    (["generate", "--prompt", "x", "--repetition-penalty", "0"], "--repetition-penalty", "> 0"),
+    (["generate", "--prompt", "x", "--seed", "-1"], "--seed", "2**32"),
+    (["generate", "--prompt", "x", "--system", "be brief"], "--system", "needs --chat"),
+    (["generate", "--prompt", "x", "--stop", ""], "--stop", "empty"),
+    (["generate", "--prompt", "   "], "--prompt", "empty"),
+    (["generate", "-f", "/no/such/prompt.txt"], "--file", "cannot read"),
+    (["generate", "--prompt", "x", "--model", "smollm2"], "--model",
+     "did you mean smollm2-135m-instruct?"),
+    (["generate", "--prompt", "x", "--model", "/no/such/model.gguf"], "--model", "no such file"),
+    (["chat", "--temperature", "-1"], "--temperature", ">= 0"),
+    (["chat", "--top-p", "1.5"], "--top-p", "(0, 1]"),
+    (["chat", "--model", "qwen"], "--model", "did you mean qwen2.5-coder-0.5b-instruct?"),
+    (["perplexity", "/no/such/text.txt"], "file", "cannot read /no/such/text.txt"),
+    (["perplexity", "--model", "smollm2", __file__], "--model", "packaged models"),
+    (["perplexity", __file__, "--context", "1"], "--context", ">= 2"),
+    (["perplexity", __file__, "--context", "64", "--stride", "65"], "--stride", "<= --context"),
+]
+
+
+@pytest.mark.parametrize("argv,flag,detail", BAD_OPTIONS, ids=[" ".join(c[0]) for c in BAD_OPTIONS])
+def test_bad_option_names_its_flag_before_loading(argv, flag, detail, monkeypatch, capsys):
+    def no_load(args):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(cli, "_adapter", no_load)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}" in err and detail in err, err
+    if flag == "--model":
+        for name in hub.list_models():
+            assert name in err  # an unknown name lists the packaged ones
+
+
+def test_option_checks_import_no_jax():
+    """The checks run in a fresh interpreter without importing JAX (so they come back at
+    once, and nothing was loaded)."""
+    script = textwrap.dedent(f"""
+        import contextlib, io, json, sys
+        from jaxllama import cli
+        results = []
+        for argv, flag, detail in {[(a, f, d) for a, f, d in BAD_OPTIONS]!r}:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                try:
+                    cli.main(argv)
+                    code = 0
+                except SystemExit as exc:
+                    code = exc.code
+            results.append((code, flag in err.getvalue(), "loading" in err.getvalue()))
+        print(json.dumps({{"results": results, "jax": "jax" in sys.modules,
+                          "models": "jaxllama.models" in sys.modules}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["results"] == [[2, True, False]] * len(BAD_OPTIONS)
+    assert got["jax"] is False and got["models"] is False
+
+
+def test_unknown_name_in_the_library_lists_packaged_names(tmp_path):
+    with pytest.raises(HubError, match=r"did you mean smollm2-135m-instruct\?.*smollm2-135m-instruct \(default\)"):
+        hub.resolve("smollm2")
+    assert hub.resolve(str(tmp_path / "m.gguf")) == tmp_path / "m.gguf"  # a path stays a path
+
+
+def test_pull_list_marks_the_default(capsys):
+    assert cli.main(["pull", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if "default" in line] == [
+        line for line in lines if line.startswith(hub.DEFAULT_MODEL + " ")]
+    assert len(lines) == len(hub.list_models())
+
+
+def test_compilation_cache_setting(tmp_path, monkeypatch):
+    from jaxllama import compilation_cache as cc
+
+    monkeypatch.setenv("JAXLLAMA_CACHE", str(tmp_path / "models"))
+    monkeypatch.delenv(cc.ENV_VAR, raising=False)
+    assert cc.setting() == tmp_path / "models" / "xla-cache"  # on by default
+    monkeypatch.setenv(cc.ENV_VAR, "OFF")
+    assert cc.setting() is None
+    assert cc.setting(str(tmp_path / "x")) == tmp_path / "x"  # the option wins
+    monkeypatch.setenv(cc.ENV_VAR, str(tmp_path / "y"))
+    assert cc.setting() == tmp_path / "y" and cc.setting("off") is None
+
+
+def test_unusable_cache_directory_is_a_warning(tmp_path):
+    from jaxllama import compilation_cache as cc
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    try:
+        with pytest.warns(RuntimeWarning, match="not usable"):
+            assert cc.enable_or_warn(blocker / "cache") is None
+        assert cc.directory() is None
+    finally:
+        cc.disable()
+
+
+def test_stop_filter_holds_back_partial_matches():
+    f = cli._StopFilter(["</end>", "STOP"])
+    assert f.push("abc</e") == "abc" and f.pending == "</e"
+    assert f.push("nx") == "</enx"  # not a stop after all: released
+    assert f.push("S") == "" and f.push("TOPxyz") == "" and f.hit == "STOP"
+    g = cli._StopFilter(["ab"])
+    assert g.push("xa") == "x" and g.flush() == "a"
+
+
+# ------------------------------------------------------------------ with the model
+@pytest.fixture(scope="module")
+def smol():
+    from conftest import jax_adapter
+
+    return jax_adapter(SMOL)
+
+
+def _json_run(capsys, *argv) -> dict:
+    assert cli.main(["generate", *argv, "--json"]) == 0
+    cap = capsys.readouterr()
+    return json.loads(cap.out), cap.err
+
+
+@pytest.mark.slow
+def test_json_matches_the_library_and_says_length(smol, capsys):
+    ids = smol.prompt_ids([{"role": "user", "content": README_PROMPT}])
+    expected = smol.generate(ids, 8)[len(ids):]
+    got, err = _json_run(capsys, "--chat", "--prompt", README_PROMPT, "-n", "8")
+    assert got["token_ids"] == expected
+    assert got["text"] == smol.decode_text(expected)
+    assert got["prompt_tokens"] == len(ids) and got["generated_tokens"] == 8
+    assert got["finish_reason"] == "length" and got["stop"] is None
+    t = got["timings"]
+    for key in ("load_seconds", "first_token_seconds", "decode_seconds", "compile_seconds",
+                "compilations", "total_seconds"):
+        assert t[key] >= 0, key
+    assert "the reply stopped at --max-tokens 8" in err
+
+
+@pytest.mark.slow
+def test_json_says_stop_at_the_end_of_sequence(smol, capsys):
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    ids = smol.prompt_ids(messages)
+    expected = smol.generate(ids, 64)[len(ids):]
+    assert expected[-1] in smol.eos_ids()  # the precondition: the model ends its answer
+    got, err = _json_run(capsys, "--chat", "--prompt", "What is 2 + 2?", "-n", "64")
+    assert got["token_ids"] == expected and got["finish_reason"] == "stop"
+    assert "--max-tokens" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["def", "rse_str", "::-1]"])
+def test_stop_cuts_before_the_stop_text(stop, smol, capsys):
+    full = smol.generate_text([{"role": "user", "content": README_PROMPT}], 24)
+    assert stop in full
+    got, _ = _json_run(capsys, "--chat", "--prompt", README_PROMPT, "-n", "24", "--stop", "zzz",
+                       "--stop", stop)
+    assert got["text"] == full[:full.index(stop)]
+    assert got["finish_reason"] == "stop" and got["stop"] == stop
+    # Streamed, the stop text is never printed either.
+    assert cli.main(["generate", "--chat", "--prompt", README_PROMPT, "-n", "24", "--stop", stop]) == 0
+    assert capsys.readouterr().out == full[:full.index(stop)] + "\n"
+
+
+@pytest.mark.slow
+def test_prompt_from_file_and_stdin(smol, tmp_path, monkeypatch, capsys):
+    prompt = "The capital of France is"
+    expected = smol.generate_text(prompt, 6) + "\n"
+    path = tmp_path / "prompt.txt"
+    path.write_text(prompt, encoding="utf-8")
+    assert cli.main(["generate", "-f", str(path), "-n", "6"]) == 0
+    assert capsys.readouterr().out == expected
+    monkeypatch.setattr(sys, "stdin", io.StringIO(prompt))
+    assert cli.main(["generate", "-f", "-", "-n", "6"]) == 0
+    assert capsys.readouterr().out == expected
+    monkeypatch.setattr(sys, "stdin", io.StringIO(prompt))
+    assert cli.main(["generate", "--prompt", "-", "-n", "6"]) == 0
+    assert capsys.readouterr().out == expected
+
+
+@pytest.mark.slow
+def test_stats_prints_counts_speeds_and_compile_time(smol, capsys):
+    ids = smol.encode("Once upon a time")
+    assert cli.main(["generate", "--prompt", "Once upon a time", "-n", "12", "--stats"]) == 0
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "tokens/s" in line)
+    print(line)
+    assert f"prompt {len(ids)} tokens, generated 12 tokens (finish: length)" in line
+    assert re.search(r"prefill (\d+\.\d tokens/s|n/a), decode \d+\.\d tokens/s", line)
+    assert re.search(r"compile \d+\.\d\d s \(\d+ compilations", line)
+
+
+@pytest.mark.slow
+def test_info_says_memory_on_a_cpu(capsys):
+    import jax
+
+    assert cli.main(["info", SMOL]) == 0
+    out = capsys.readouterr().out
+    label = "Memory" if jax.default_backend() == "cpu" else "VRAM"
+    assert re.search(rf"\nLayers: 30\n{label}: \d+\.\d MB\n", out)
+
+
+@pytest.mark.slow
+def test_perplexity_progress_bar_ends_full(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    assert cli.main(["perplexity", str(text), "--context", "64", "--stride", "32"]) == 0
+    err = capsys.readouterr().err
+    counts = re.findall(r"perplexity: .*?(\d+)/(\d+)", err)
+    assert counts and counts[-1][0] == counts[-1][1], err[-500:]
+
+
+@pytest.mark.slow
+def test_library_load_is_quiet_and_takes_packaged_names(capsys):
+    import jax
+
+    from jaxllama.models import LlamaInferenceAdapter, load_gguf
+    from jaxllama.models.llama import Llama3Config, Llama3WeightLoader
+
+    adapter = LlamaInferenceAdapter.from_gguf(SMOL)
+    assert "loading" not in capsys.readouterr().err  # no progress bar in a library call
+    assert adapter.model.path == hub.cached_path(SMOL)
+    adapter.unload()
+    # Packaged names work where a path does: the family loader and load_gguf.
+    model = Llama3WeightLoader.load_to_vram(SMOL, Llama3Config.smollm2_135m(), progress=False)
+    assert model.path == hub.cached_path(SMOL)
+    for leaf in jax.tree_util.tree_leaves(model.params):
+        leaf.delete()
+    from jaxllama.gguf.reader import read_gguf
+
+    assert load_gguf.__module__ == "jaxllama.models.weights"
+    with pytest.raises(HubError, match="packaged models"):
+        load_gguf("smollm2", progress=False)
+    assert read_gguf(hub.cached_path(SMOL)).architecture == "llama"
+    # The command line still shows one.
+    assert cli.main(["generate", "--prompt", "Hi", "-n", "1"]) == 0
+    assert "loading SmolLM2" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ separate processes
+def _spawn(args, cache: Path, **kwargs):
+    env = dict(os.environ, JAXLLAMA_COMPILATION_CACHE=str(cache), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one device, as a user runs it
+    return subprocess.Popen([sys.executable, "-m", "jaxllama", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, **kwargs)
+
+
+def _timed_run(args, cache: Path):
+    """(seconds from the start to the first byte of stdout, stdout, stderr, return code)."""
+    start = time.perf_counter()
+    proc = _spawn(args, cache)
+    first = proc.stdout.read(1)
+    first_s = time.perf_counter() - start
+    out, err = proc.communicate(timeout=600)
+    return first_s, (first + out).decode(), err.decode(), proc.returncode
+
+
+README_ARGS = ["generate", "--chat", "--prompt", README_PROMPT]
+
+
+@pytest.fixture(scope="module")
+def cold_and_warm(tmp_path_factory):
+    """The README's first command twice (streamed, then --json) in a fresh cache dir."""
+    cache = tmp_path_factory.mktemp("xla_cache")
+    first = _timed_run(README_ARGS + ["-n", "16", "--json"], cache)
+    second = _timed_run(README_ARGS + ["-n", "16", "--json"], cache)
+    return cache, first, second
+
+
+@pytest.mark.slow
+def test_second_run_compiles_nothing_new(cold_and_warm):
+    cache, first, second = cold_and_warm
+    runs = []
+    for first_s, out, err, code in (first, second):
+        assert code == 0, err[-2000:]
+        runs.append(json.loads(out))
+    cold, warm = (r["timings"] for r in runs)
+    print(f"cold run: first output {first[0]:.2f} s after spawn, first token "
+          f"{cold['first_token_since_start_seconds']:.2f} s after start, "
+          f"{cold['compilations']} compilations; warm run: first output {second[0]:.2f} s, first "
+          f"token {warm['first_token_since_start_seconds']:.2f} s, {warm['compilations']} "
+          f"compilations, {warm['compilation_cache_hits']} cache hits")
+    assert runs[0]["compilation_cache"] == runs[1]["compilation_cache"] == str(cache.resolve())
+    assert cold["compilations"] > 0 and any(cache.iterdir())
+    assert warm["compilations"] == 0  # everything came from the cache
+    assert warm["compilation_cache_hits"] >= cold["compilations"]
+    assert runs[0]["token_ids"] == runs[1]["token_ids"]
+    assert "compiling for this prompt size (first time only)..." in first[2]
+    assert "compiling" not in second[2]
+
+
+@pytest.mark.slow
+def test_corrupt_cache_entry_is_ignored_with_a_warning(cold_and_warm):
+    cache, first, _ = cold_and_warm
+    entry = max(cache.glob("jit_prefill_sample*"), key=lambda p: p.stat().st_size)
+    entry.write_bytes(b"\x00garbage" * 100)
+    first_s, out, err, code = _timed_run(README_ARGS + ["-n", "16", "--json"], cache)
+    assert code == 0, err[-2000:]
+    assert "warning: Error reading persistent compilation cache entry" in err
+    assert "Traceback" not in err
+    got = json.loads(out)
+    assert got["token_ids"] == json.loads(first[1])["token_ids"]
+    assert got["timings"]["compilations"] >= 1  # the unreadable one, compiled afresh
+
+
+@pytest.mark.slow
+def test_closed_pipe_exits_quietly(cold_and_warm):
+    cache = cold_and_warm[0]
+    proc = _spawn(README_ARGS + ["-n", "64"], cache)
+    head = b""
+    while len(head) < 20:  # `| head -c 20`
+        chunk = proc.stdout.read(20 - len(head))
+        if not chunk:
+            break
+        head += chunk
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=600)
+    assert len(head) == 20
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err[-2000:]
+    assert proc.returncode in (0, 141)
