@@ -238,3 +238,16 @@ def test_spec_refuses_bad_descriptions(adapter):
         SlotRequest.create(spec, max_tokens=4, stop_ids=(1, 2, 3))
     with pytest.raises(EngineSpecError, match="prefill chunk"):
         spec.bucket(9)
+
+
+def test_pallas_kernel_path_equals_adapter_generate(adapter):
+    """The same steps with the paged Pallas kernel (interpreted on the CPU) for both the
+    prefill chunks and decode: two sampled requests decoded side by side."""
+    if adapter.config.rope_style != "interleaved":
+        pytest.skip("one model is enough for the interpreted kernel (slow to trace)")
+    spec = _spec(adapter, num_slots=2, attention_impl="pallas_interpret")
+    requests = [_requests(adapter)[i] for i in (1, 4)]
+    refs = [_reference(adapter, *req) for req in requests]
+    out, alloc = run_schedule(adapter, spec, requests, slot_order=[1, 0])
+    assert [out[0], out[1]] == refs
+    assert alloc.num_free == spec.num_pages
