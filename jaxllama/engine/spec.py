@@ -138,15 +138,17 @@ class SlotRequest:
     stop_ids: Array  # (E,) int32
 
     @classmethod
-    def create(cls, spec: EngineSpec, *, max_tokens: int, stop_ids=(), temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int = 0) -> "SlotRequest":
+    def create(cls, spec: EngineSpec, *, max_tokens: int, stop_ids=(),
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               min_p: float = 0.0, seed: int = 0) -> "SlotRequest":
         stop_ids = tuple(int(t) for t in stop_ids)
         if len(stop_ids) > spec.max_stop_ids:
             raise EngineSpecError(
                 f"{len(stop_ids)} stop ids {stop_ids}; this engine holds at most "
                 f"EngineSpec.max_stop_ids = {spec.max_stop_ids}"
             )
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        if (isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer))
+                or max_tokens < 1):
             raise EngineSpecError(f"max_tokens is {max_tokens!r}; expected an integer >= 1")
         if not 0 <= seed < 2**32:
             raise EngineSpecError(f"seed is {seed!r}; expected an integer in [0, 2**32)")
