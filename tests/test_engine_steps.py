@@ -20,7 +20,7 @@ import pytest
 
 from hf_to_gguf import tiny_hf_model, write_gguf
 from jaxllama.engine import steps
-from jaxllama.engine.pages import PageAllocator
+from jaxllama.engine.pages import PageAllocator, prefix_keys
 from jaxllama.engine.spec import EngineSpec, EngineSpecError, EngineState, SlotRequest
 from jaxllama.errors import UnsupportedOperation
 from jaxllama.models import AdapterForwardConfig, LlamaInferenceAdapter, load_gguf
@@ -251,3 +251,47 @@ def test_pallas_kernel_path_equals_adapter_generate(adapter):
     out, alloc = run_schedule(adapter, spec, requests, slot_order=[1, 0])
     assert [out[0], out[1]] == refs
     assert alloc.num_free == spec.num_pages
+
+
+def test_shared_prefix_pages(adapter):
+    """Prefix caching at the step level: request B's block table starts with request A's
+    two full prompt pages (refcount 2 in the allocator) and B prefills only its own
+    suffix, from position 16; both then decode side by side and equal the reference."""
+    spec = _spec(adapter, num_slots=2, page_size=8, num_pages=12, max_pages_per_slot=5,
+                 prefill_buckets=(8, 32), decode_steps=4)
+    params = adapter.model.params
+    stops = adapter.eos_ids()
+    rng = np.random.default_rng(5)
+    shared = rng.integers(3, adapter.config.vocab_size, 16).tolist()
+    prompts = [shared + [7, 8, 9], shared + rng.integers(3, 250, 6).tolist()]
+    settings = [dict(temperature=0.9, seed=1), dict()]
+    refs = [_reference(adapter, p, 12, s) for p, s in zip(prompts, settings)]
+    alloc = PageAllocator(spec.num_pages, spec.page_size)
+    state = EngineState.create(spec, params.dtype)
+    tables = []
+    for slot, (prompt, s) in enumerate(zip(prompts, settings)):
+        cached = alloc.match_prefix(prompt[:-1])
+        assert len(cached) == (0 if slot == 0 else 2)
+        owned = alloc.allocate(spec.max_pages_per_slot - len(cached))
+        tables.append(cached + owned)
+        state = steps.set_pages(state, np.int32(slot), np.asarray(tables[-1], np.int32))
+        start = len(cached) * spec.page_size
+        rest = prompt[start:]
+        tokens = np.zeros((spec.bucket(len(rest)),), np.int32)
+        tokens[: len(rest)] = rest
+        state, logits = steps.prefill_chunk(params, state, np.int32(slot), tokens,
+                                            np.int32(start), np.int32(len(rest)), spec)
+        if slot == 0:
+            for page, key in zip(tables[0], prefix_keys(prompt, spec.page_size)):
+                alloc.register(page, key)
+        request = SlotRequest.create(spec, max_tokens=12, stop_ids=stops, **s)
+        state, first = steps.insert(state, np.int32(slot), logits, request, spec)
+        tables[-1] = (tables[-1], [int(first)])
+    outs = [t[1] for t in tables]
+    for _ in range(3):
+        state, tokens, valid = steps.decode(params, state, spec)
+        tokens, valid = np.asarray(tokens), np.asarray(valid)
+        for slot in range(2):
+            outs[slot] += tokens[valid[:, slot], slot].tolist()
+    assert outs == refs
+    assert alloc.refcount(tables[0][0][0]) == 2
