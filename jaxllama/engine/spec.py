@@ -1,0 +1,211 @@
+"""The engine's description (static) and its state (a pytree of device arrays).
+
+`EngineSpec` is frozen and hashable: the one static argument of the jitted steps in
+`jaxllama.engine.steps`. Everything that changes per request (which slot, its pages,
+its length, its sampling settings, seed and stop ids) lives in `EngineState` as
+arrays, so admitting, finishing or cancelling a request never recompiles.
+
+Letters as in `jaxllama.engine.paged_cache`: B decode slots, M pages per slot, L tokens
+per page, P pages in the pool, V vocab, E stop ids per slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxllama.engine.paged_cache import NO_PAGE, PagedKVCache
+from jaxllama.errors import JaxLlamaError, UnsupportedOperation
+from jaxllama.models.config import ModelConfig
+
+Array = jax.Array
+
+ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret")
+# Marks an unused entry of a slot's stop ids (no token id is negative).
+NO_STOP = -1
+
+
+class EngineSpecError(JaxLlamaError, ValueError):
+    """An engine description whose sizes or switches cannot work together."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """Shapes and switches of one engine (static; see module doc).
+
+    Attributes:
+      config: the model.
+      num_slots: B, requests decoded together.
+      page_size: L, tokens per page.
+      num_pages: P, pages in each layer's pool.
+      max_pages_per_slot: M, the block table's width; a request holds at most M * L
+        tokens (prompt + generated).
+      prefill_buckets: the chunk lengths `prefill_chunk` is compiled for, ascending; the
+        last is the prefill chunk size (a prompt is run in chunks of that many tokens,
+        its last chunk padded to the smallest bucket that holds it).
+      attention_impl: "xla" (the gather twin) or "pallas" / "pallas_interpret" (the
+        paged Pallas kernel, compiled or interpreted).
+      decode_steps: N, decode steps per `decode` dispatch.
+      max_stop_ids: E, stop token ids a slot can hold (EOS included).
+    """
+
+    config: ModelConfig
+    num_slots: int
+    page_size: int
+    num_pages: int
+    max_pages_per_slot: int
+    prefill_buckets: tuple[int, ...] = (16, 64, 256)
+    attention_impl: str = "xla"
+    decode_steps: int = 8
+    max_stop_ids: int = 4
+
+    def __post_init__(self):
+        def bad(field, value, expected):
+            raise EngineSpecError(f"EngineSpec.{field} is {value!r}; expected {expected}")
+
+        for field in ("num_slots", "page_size", "num_pages", "max_pages_per_slot",
+                      "decode_steps", "max_stop_ids"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(field, value, "an integer >= 1")
+        buckets = self.prefill_buckets
+        if (not isinstance(buckets, tuple) or not buckets
+                or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets)
+                or list(buckets) != sorted(set(buckets))):
+            bad("prefill_buckets", buckets, "a non-empty tuple of ascending integers >= 1")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            bad("attention_impl", self.attention_impl, f"one of {', '.join(ATTENTION_IMPLS)}")
+        config = self.config
+        if not isinstance(config, ModelConfig):
+            bad("config", type(config).__name__, "a ModelConfig")
+        if config.sliding_window is not None and config.sliding_window < self.max_tokens_per_slot:
+            # The paged attention has no window (transformer.py refuses the same for its
+            # Pallas kernels).
+            raise UnsupportedOperation(
+                config.model_type,
+                f"the engine's paged attention has no sliding window; max_pages_per_slot * "
+                f"page_size = {self.max_tokens_per_slot} exceeds the window "
+                f"({config.sliding_window})",
+            )
+        if config.rope_long_factors is not None:
+            # LongRoPE picks its factors per forward call by the call's furthest position
+            # (transformers' rule, kept by transformer.rope_tables): a prompt run in chunks
+            # would switch factors mid-prompt and no longer match a one-call prefill.
+            raise UnsupportedOperation(
+                config.model_type,
+                "the engine runs prompts in chunks, and LongRoPE (rope_long_factors) chooses "
+                "its factors per call; use LlamaInferenceAdapter for this model",
+            )
+
+    @property
+    def chunk_size(self) -> int:
+        """The longest prefill chunk (the last bucket)."""
+        return self.prefill_buckets[-1]
+
+    @property
+    def max_tokens_per_slot(self) -> int:
+        return self.max_pages_per_slot * self.page_size
+
+    def bucket(self, num_tokens: int) -> int:
+        """The chunk length a chunk of `num_tokens` real tokens is padded to."""
+        if not 1 <= num_tokens <= self.chunk_size:
+            raise EngineSpecError(
+                f"a prefill chunk of {num_tokens} tokens; expected 1 to {self.chunk_size} "
+                f"(the largest of prefill_buckets)"
+            )
+        return next(b for b in self.prefill_buckets if b >= num_tokens)
+
+
+@struct.dataclass
+class SlotRequest:
+    """One request's settings as `insert` takes them (arrays, so none recompiles).
+
+    temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 are off, as in
+    `jaxllama.sampling`. `stop_ids` (E,) int32 holds EOS and any stop ids, padded with
+    NO_STOP; the stop token is emitted and counted, as `adapter.generate` does.
+    """
+
+    temperature: Array  # () float32
+    top_k: Array  # () int32
+    top_p: Array  # () float32
+    min_p: Array  # () float32
+    seed: Array  # () uint32
+    max_tokens: Array  # () int32, tokens to generate, the first (sampled at insert) included
+    stop_ids: Array  # (E,) int32
+
+    @classmethod
+    def create(cls, spec: EngineSpec, *, max_tokens: int, stop_ids=(),
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+               min_p: float = 0.0, seed: int = 0) -> "SlotRequest":
+        stop_ids = tuple(int(t) for t in stop_ids)
+        if len(stop_ids) > spec.max_stop_ids:
+            raise EngineSpecError(
+                f"{len(stop_ids)} stop ids {stop_ids}; this engine holds at most "
+                f"EngineSpec.max_stop_ids = {spec.max_stop_ids}"
+            )
+        if (isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer))
+                or max_tokens < 1):
+            raise EngineSpecError(f"max_tokens is {max_tokens!r}; expected an integer >= 1")
+        if not 0 <= seed < 2**32:
+            raise EngineSpecError(f"seed is {seed!r}; expected an integer in [0, 2**32)")
+        stops = np.full((spec.max_stop_ids,), NO_STOP, np.int32)
+        stops[: len(stop_ids)] = stop_ids
+        return cls(
+            temperature=np.float32(temperature), top_k=np.int32(top_k), top_p=np.float32(top_p),
+            min_p=np.float32(min_p), seed=np.uint32(seed), max_tokens=np.int32(max_tokens),
+            stop_ids=stops,
+        )
+
+
+@struct.dataclass
+class EngineState:
+    """Everything the jitted steps read and write, one row per decode slot.
+
+    A slot is free (active False), prefilling (active False, pages and length being
+    written by `prefill_chunk`), decoding (active, not finished) or finished (active and
+    finished: it idles until `release`). `lengths[b]` counts the tokens whose keys and
+    values are in the slot's pages; `last_token[b]` is the latest sampled token, not
+    yet in the cache (the next decode step feeds it).
+    """
+
+    cache: PagedKVCache
+    block_table: Array  # (B, M) int32, NO_PAGE where none
+    lengths: Array  # (B,) int32
+    last_token: Array  # (B,) int32
+    active: Array  # (B,) bool
+    finished: Array  # (B,) bool
+    generated: Array  # (B,) int32, tokens sampled so far (the step index of the next)
+    max_tokens: Array  # (B,) int32
+    stop_ids: Array  # (B, E) int32
+    keys: Array  # (B, 2) uint32, PRNGKey(seed) of each slot
+    temperature: Array  # (B,) float32
+    top_k: Array  # (B,) int32
+    top_p: Array  # (B,) float32
+    min_p: Array  # (B,) float32
+
+    @classmethod
+    def create(cls, spec: EngineSpec, dtype=jnp.float32) -> "EngineState":
+        """An engine with every slot free and every page zero; pools in `dtype` (that of
+        the params, `Params.dtype`)."""
+        b = spec.num_slots
+        return cls(
+            cache=PagedKVCache.create(spec.config, spec.num_pages, spec.page_size, dtype),
+            block_table=jnp.full((b, spec.max_pages_per_slot), NO_PAGE, jnp.int32),
+            lengths=jnp.zeros((b,), jnp.int32),
+            last_token=jnp.zeros((b,), jnp.int32),
+            active=jnp.zeros((b,), bool),
+            finished=jnp.zeros((b,), bool),
+            generated=jnp.zeros((b,), jnp.int32),
+            max_tokens=jnp.zeros((b,), jnp.int32),
+            stop_ids=jnp.full((b, spec.max_stop_ids), NO_STOP, jnp.int32),
+            keys=jnp.zeros((b, 2), jnp.uint32),
+            temperature=jnp.zeros((b,), jnp.float32),
+            top_k=jnp.zeros((b,), jnp.int32),
+            top_p=jnp.ones((b,), jnp.float32),
+            min_p=jnp.zeros((b,), jnp.float32),
+        )
+

@@ -1,0 +1,292 @@
+"""The engine's pure jitted steps over `EngineState`, and the model forward over the
+paged KV cache they share.
+
+* `set_pages(state, slot, pages)`: write one slot's block-table row (admission, growth).
+* `prefill_chunk(params, state, slot, tokens, start, num_valid, spec)`: run a chunk of
+  one request's prompt, writing its keys and values into the slot's pages; returns the
+  logits at the chunk's last real token.
+* `insert(state, slot, logits, request, spec)`: sample the first token from the
+  prompt's last logits and start decoding the slot with the request's settings.
+* `decode(params, state, spec)`: N decode steps for every decoding slot in one
+  dispatch; returns (N, B) tokens and whether each is real.
+* `release(state, slot)`: free a slot (finished or cancelled).
+
+Every slot index, length, block table and setting is a traced array: one compilation
+per step (per prefill bucket for `prefill_chunk`) serves every schedule. The state is
+donated to every step, so its page pools are updated in place.
+
+Sampling follows `jaxllama.sampling` row by row, with per-slot values instead of the
+static `SamplerSpec`: a filter whose value is "off" (top_k 0, top_p 1, min_p 0) leaves
+the logits exactly as the adapter's sampler does when that filter is not compiled in,
+and step t of a request draws with ``fold_in(PRNGKey(seed), t)`` (the first token at
+insert is step 0), so a request's tokens equal `LlamaInferenceAdapter.generate` of its
+prompt alone with the same settings. A repetition penalty is not supported yet (it
+needs a (B, V) seen-token table in the state).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllama.engine.paged_cache import NO_PAGE, PagedKVCache
+from jaxllama.engine.spec import EngineSpec, EngineState, SlotRequest
+from jaxllama.models.transformer import (
+    Params,
+    apply_rope,
+    linear,
+    matmul_impl,
+    rms_norm,
+    rope_tables,
+)
+from jaxllama.pallas.paged_attention import paged_attention, paged_attention_reference
+from jaxllama.quant import QuantizedWeight, qlinear
+
+Array = jax.Array
+
+
+# ----- the model over the paged cache ---------------------------------------------------
+
+
+def _paged_attention(spec: EngineSpec, q, k_pages, v_pages, block_table, kv_lengths, q_offset,
+                     sm_scale):
+    if spec.attention_impl == "xla":
+        return paged_attention_reference(q, k_pages, v_pages, block_table, kv_lengths, q_offset,
+                                         sm_scale=sm_scale)
+    return paged_attention(q, k_pages, v_pages, block_table, kv_lengths, q_offset,
+                           sm_scale=sm_scale, interpret=spec.attention_impl == "pallas_interpret")
+
+
+def _output_logits(params: Params, x: Array, mm: str) -> Array:
+    # TODO(merge): the same as the tail of transformer.forward (inline there, not a public
+    # function); unify into one shared `output_logits` when the adapter runs on the engine.
+    w_out = params.output_weight
+    if isinstance(w_out, QuantizedWeight):
+        return qlinear(x, w_out, impl=mm)
+    return jnp.einsum("...d,vd->...v", x, w_out, preferred_element_type=jnp.float32)
+
+
+def paged_forward(params: Params, tokens: Array, cache: PagedKVCache, block_table: Array,
+                  start: Array, num_new: Array, *, spec: EngineSpec) -> tuple[Array, PagedKVCache]:
+    """Run `tokens` (B, T) at positions start[b] + t through the model, writing their keys
+    and values through `block_table` (B, M) into the pools; row b's first num_new[b]
+    tokens are real (the rest, and whole rows with num_new 0, write nothing). Query t of
+    row b attends the row's positions [0, start[b] + t] (the pages already written plus
+    this chunk, causal). Returns float32 logits (B, V) at each row's last real token
+    (undefined for a row with num_new 0) and the new cache.
+
+    The same block as `transformer.forward`, step for step (float32 residual stream,
+    norms, rope by absolute position, GQA attention, SwiGLU), with the dense
+    (B, K, S, H) cache replaced by the page pools.
+    TODO(merge): this is the second copy of the decoder loop; "one decode
+    implementation" means transformer.forward taking an attention/cache-writer hook so
+    that the adapter and the engine run the same function.
+    """
+    config = spec.config
+    b, t = tokens.shape
+    dtype = params.dtype
+    mm = matmul_impl(spec.attention_impl)
+    start = start.astype(jnp.int32)
+    num_new = num_new.astype(jnp.int32)
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    cos, sin = rope_tables(config, positions, start + num_new - 1)
+    sm_scale = 1.0 / float(np.sqrt(config.head_dim))
+    kv_lengths = start + num_new
+
+    x = params.embed_rows(tokens)
+    for i, layer in enumerate(params.layers):
+        h = rms_norm(x, layer.attn_norm, config.rms_eps).astype(dtype)
+        q = linear(h, layer.wq, layer.bq, impl=mm).reshape(b, t, config.num_heads, config.head_dim)
+        k = linear(h, layer.wk, layer.bk, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
+        v = linear(h, layer.wv, layer.bv, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
+        q = apply_rope(q, cos, sin, config.rope_style)
+        k = apply_rope(k, cos, sin, config.rope_style)
+        cache = cache.write(i, k, v, block_table, start, num_new)
+        attn = _paged_attention(spec, q, cache.k[i], cache.v[i], block_table, kv_lengths, start,
+                                sm_scale)
+        x = x + linear(attn.reshape(b, t, config.q_dim), layer.wo, impl=mm).astype(jnp.float32)
+        h = rms_norm(x, layer.ffn_norm, config.rms_eps).astype(dtype)
+        gate = linear(h, layer.w_gate, impl=mm)
+        up = linear(h, layer.w_up, impl=mm)
+        x = x + linear(jax.nn.silu(gate) * up, layer.w_down, impl=mm).astype(jnp.float32)
+
+    last = jnp.clip(num_new - 1, 0, t - 1)
+    x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    x = rms_norm(x, params.final_norm, config.rms_eps).astype(dtype)
+    return _output_logits(params, x, mm), cache
+
+
+# ----- per-slot sampling ----------------------------------------------------------------
+
+
+def _filter_row(logits: Array, temperature, top_k, top_p, min_p) -> Array:
+    """`jaxllama.sampling.filter_logits` for one row (V,), each filter switched by its
+    value rather than statically; an "off" filter changes nothing."""
+    vocab = logits.shape[-1]
+    logits = logits / temperature
+    sorted_desc = -jnp.sort(-logits)
+    use_k = top_k > 0
+    kth = sorted_desc[jnp.clip(top_k, 1, vocab) - 1]
+    logits = jnp.where(use_k & (logits < kth), -jnp.inf, logits)
+    # By value, as sampling.filter_logits: ties with the k-th survive and top-p weighs them.
+    sorted_desc = jnp.where(use_k & (sorted_desc < kth), -jnp.inf, sorted_desc)
+    probs = jax.nn.softmax(sorted_desc)
+    before = jnp.cumsum(probs) - probs
+    keep = (before < top_p).at[0].set(True)
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf))
+    logits = jnp.where((top_p < 1.0) & (logits < threshold), -jnp.inf, logits)
+    probs = jax.nn.softmax(logits)
+    limit = min_p * jnp.max(probs)
+    return jnp.where((min_p > 0.0) & (probs < limit), -jnp.inf, logits)
+
+
+def sample_rows(logits: Array, keys: Array, steps: Array, temperature: Array, top_k: Array,
+                top_p: Array, min_p: Array) -> Array:
+    """Next token per row (B,) int32 from logits (B, V): argmax where temperature is 0,
+    else a draw with key ``fold_in(keys[b], steps[b])`` from the filtered logits."""
+
+    def one(row, key, step, temp, k, p, mp):
+        row = row.astype(jnp.float32)
+        greedy = temp <= 0.0
+        filtered = _filter_row(row, jnp.where(greedy, 1.0, temp), k, p, mp)
+        drawn = jax.random.categorical(jax.random.fold_in(key, step), filtered)
+        return jnp.where(greedy, jnp.argmax(row), drawn).astype(jnp.int32)
+
+    return jax.vmap(one)(logits, keys, steps, temperature, top_k, top_p, min_p)
+
+
+def _is_stop(tokens: Array, stop_ids: Array) -> Array:
+    """(B,) bool: tokens[b] is one of slot b's stop ids (B, E)."""
+    return jnp.any(tokens[:, None] == stop_ids, axis=-1)
+
+
+# ----- the steps ------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def set_pages(state: EngineState, slot: Array, pages: Array) -> EngineState:
+    """The state with slot `slot`'s block-table row set to `pages` (M,) int32
+    (NO_PAGE where none); the host calls it when it admits a request and when the
+    request's pages grow."""
+    return state.replace(block_table=state.block_table.at[slot].set(pages.astype(jnp.int32)))
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+def prefill_chunk(params: Params, state: EngineState, slot: Array, tokens: Array, start: Array,
+                  num_valid: Array, spec: EngineSpec) -> tuple[EngineState, Array]:
+    """Run a chunk of one request's prompt in slot `slot` (not decoding).
+
+    tokens (T,) int32, T one of spec.prefill_buckets, its first `num_valid` real; they
+    are the prompt's positions [start, start + num_valid) and are written through the
+    slot's block-table row (the host has set pages for them). Positions below `start`
+    must already be in the slot's pages (earlier chunks, or shared prefix pages).
+    Returns the state with the slot's length start + num_valid, and the float32 logits
+    (V,) at the chunk's last real token (pass the last chunk's to `insert`).
+    """
+    table = state.block_table[slot][None]
+    start = jnp.asarray(start, jnp.int32)
+    num_valid = jnp.asarray(num_valid, jnp.int32)
+    logits, cache = paged_forward(params, tokens[None].astype(jnp.int32), state.cache, table,
+                                  start[None], num_valid[None], spec=spec)
+    state = state.replace(cache=cache, lengths=state.lengths.at[slot].set(start + num_valid))
+    return state, logits[0]
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+def insert(state: EngineState, slot: Array, logits: Array, request: SlotRequest,
+           spec: EngineSpec) -> tuple[EngineState, Array]:
+    """Start decoding a prefilled slot: sample its first token (step 0) from the
+    prompt's last logits (V,) with the request's settings, and store the settings.
+
+    Returns the state and the first token (() int32). The slot is finished at once if
+    that token is a stop id or max_tokens is 1 (it then idles until `release`).
+    """
+    del spec  # static: keeps one compilation per engine, as for the other steps
+    key = jax.random.PRNGKey(request.seed)
+    token = sample_rows(
+        logits[None], key[None], jnp.zeros((1,), jnp.int32), request.temperature[None],
+        request.top_k[None], request.top_p[None], request.min_p[None],
+    )[0]
+    done = jnp.any(token == request.stop_ids) | (request.max_tokens <= 1)
+    s = slot
+    state = state.replace(
+        last_token=state.last_token.at[s].set(token),
+        active=state.active.at[s].set(True),
+        finished=state.finished.at[s].set(done),
+        generated=state.generated.at[s].set(1),
+        max_tokens=state.max_tokens.at[s].set(request.max_tokens),
+        stop_ids=state.stop_ids.at[s].set(request.stop_ids),
+        keys=state.keys.at[s].set(key),
+        temperature=state.temperature.at[s].set(request.temperature),
+        top_k=state.top_k.at[s].set(request.top_k),
+        top_p=state.top_p.at[s].set(request.top_p),
+        min_p=state.min_p.at[s].set(request.min_p),
+    )
+    return state, token
+
+
+def _has_page(state: EngineState, page_size: int) -> Array:
+    """(B,) bool: the slot's next position (its length) has a page to be written to."""
+    logical = state.lengths // page_size
+    max_pages = state.block_table.shape[1]
+    page = jnp.take_along_axis(state.block_table, jnp.clip(logical, 0, max_pages - 1)[:, None],
+                               axis=1)[:, 0]
+    return (logical < max_pages) & (page != NO_PAGE)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+def decode(params: Params, state: EngineState, spec: EngineSpec
+           ) -> tuple[EngineState, Array, Array]:
+    """spec.decode_steps decode steps for every decoding slot, in one dispatch.
+
+    Each step feeds every running slot's last token, writes its key and value at the
+    slot's length, and samples the next token with the slot's settings and step key. A
+    slot stops running at a stop id or at max_tokens (finished), and waits (neither
+    finished nor advancing) while its next position has no page: the host grows its
+    pages before the next dispatch. Returns the state, tokens (N, B) int32 and valid
+    (N, B) bool (token [n, b] is slot b's next output iff valid[n, b]).
+    """
+
+    def step(state: EngineState, _):
+        runs = state.active & ~state.finished & _has_page(state, spec.page_size)
+        logits, cache = paged_forward(params, state.last_token[:, None], state.cache,
+                                      state.block_table, state.lengths, runs.astype(jnp.int32),
+                                      spec=spec)
+        nxt = sample_rows(logits, state.keys, state.generated, state.temperature, state.top_k,
+                          state.top_p, state.min_p)
+        generated = state.generated + runs.astype(jnp.int32)
+        done = runs & (_is_stop(nxt, state.stop_ids) | (generated >= state.max_tokens))
+        state = state.replace(
+            cache=cache,
+            lengths=state.lengths + runs.astype(jnp.int32),
+            last_token=jnp.where(runs, nxt, state.last_token),
+            generated=generated,
+            finished=state.finished | done,
+        )
+        return state, (jnp.where(runs, nxt, 0), runs)
+
+    state, (tokens, valid) = jax.lax.scan(step, state, None, length=spec.decode_steps)
+    return state, tokens, valid
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def release(state: EngineState, slot: Array) -> EngineState:
+    """Free slot `slot` (finished or cancelled): inactive, length 0, no pages. The
+    pages themselves are the host allocator's to free; the pools are not touched."""
+    s = slot
+    return state.replace(
+        block_table=state.block_table.at[s].set(NO_PAGE),
+        lengths=state.lengths.at[s].set(0),
+        active=state.active.at[s].set(False),
+        finished=state.finished.at[s].set(False),
+        generated=state.generated.at[s].set(0),
+    )
+
+
+__all__ = [
+    "EngineSpec", "EngineState", "SlotRequest", "decode", "insert", "paged_forward",
+    "prefill_chunk", "release", "sample_rows", "set_pages",
+]

@@ -1,0 +1,297 @@
+"""The engine's jitted steps against the adapter's dense path.
+
+Tiny random checkpoints (a Qwen2-like one with q/k/v biases and half rope, a Llama one
+with interleaved rope) are written as GGUF and loaded as the other tiny-model tests do.
+Several requests run through the engine steps (prompts prefilled in chunks into slots
+taken in varied orders, decoded N steps a dispatch, slots finishing, being cancelled and
+refilled) must give, token for token, what `LlamaInferenceAdapter.generate` gives for
+each prompt alone: the independent reference is the existing dense KV cache path with
+its own sampler loop. A small host driver below plays the schedule; the scheduler
+proper is not part of this layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_to_gguf import tiny_hf_model, write_gguf
+from jaxllama.engine import steps
+from jaxllama.engine.pages import PageAllocator, prefix_keys
+from jaxllama.engine.spec import EngineSpec, EngineSpecError, EngineState, SlotRequest
+from jaxllama.errors import UnsupportedOperation
+from jaxllama.models import AdapterForwardConfig, LlamaInferenceAdapter, load_gguf
+
+STEPS = (steps.prefill_chunk, steps.insert, steps.decode, steps.release, steps.set_pages)
+
+# Greedy and sampled requests mixed in one batch; every filter on somewhere, off elsewhere.
+SETTINGS = [
+    dict(),
+    dict(temperature=0.9, seed=7),
+    dict(temperature=1.1, top_k=20, seed=12345),
+    dict(),
+    dict(temperature=0.8, top_p=0.9, seed=3),
+    dict(temperature=1.0, min_p=0.05, top_k=50, seed=2**32 - 1),
+]
+PROMPT_LENGTHS = [5, 13, 3, 22, 9, 17]
+MAX_TOKENS = [7, 12, 1, 10, 9, 6]
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def adapter(request, tmp_path_factory):
+    path = write_gguf(tiny_hf_model(request.param),
+                      tmp_path_factory.mktemp(request.param) / "m.gguf")
+    return LlamaInferenceAdapter.from_model(load_gguf(path, dtype=jnp.float32, progress=False))
+
+
+def _spec(adapter, **overrides) -> EngineSpec:
+    fields = dict(config=adapter.config, num_slots=3, page_size=4, num_pages=40,
+                  max_pages_per_slot=10, prefill_buckets=(4, 8), decode_steps=4, max_stop_ids=2)
+    fields.update(overrides)
+    return EngineSpec(**fields)
+
+
+def _requests(adapter):
+    rng = np.random.default_rng(0)
+    vocab = adapter.config.vocab_size
+    prompts = [rng.integers(3, vocab, n).tolist() for n in PROMPT_LENGTHS]
+    return list(zip(prompts, MAX_TOKENS, SETTINGS))
+
+
+def _reference(adapter, prompt, max_tokens, settings):
+    config = AdapterForwardConfig(**settings)
+    return adapter.generate(prompt, max_tokens, config)[len(prompt):]
+
+
+def run_schedule(adapter, spec, requests, *, slot_order, cancel=None):
+    """Play `requests` (prompt, max_tokens, settings) through the engine steps.
+
+    One request is admitted per round (into the first free slot in `slot_order`),
+    prefilled in chunks of at most spec.chunk_size, inserted, and then every round runs
+    one decode dispatch for all slots. `cancel` = (request index, round): that request
+    is cancelled at the start of that round (its slot and pages freed and refilled).
+    Returns each request's generated tokens (a cancelled one's tokens so far) and the
+    page allocator (to check that nothing leaked).
+    """
+    params = adapter.model.params
+    stops = adapter.eos_ids()
+    state = EngineState.create(spec, params.dtype)
+    alloc = PageAllocator(spec.num_pages, spec.page_size, prefix_caching=False)
+    queue = list(range(len(requests)))
+    slots: dict[int, int] = {}  # slot -> request
+    pages: dict[int, list[int]] = {}
+    out: dict[int, list[int]] = {}
+    i32 = np.int32
+
+    def table_row(slot):
+        row = np.full((spec.max_pages_per_slot,), -1, np.int32)
+        row[: len(pages[slots[slot]])] = pages[slots[slot]]
+        return row
+
+    def finish(slot):
+        nonlocal state
+        state = steps.release(state, i32(slot))
+        alloc.free(pages.pop(slots.pop(slot)))
+
+    def in_cache(slot):
+        r = slots[slot]
+        return len(requests[r][0]) + len(out[r]) - 1
+
+    def done(r):
+        return len(out[r]) >= requests[r][1] or out[r][-1] in stops
+
+    rnd = 0
+    while queue or slots:
+        if cancel is not None and cancel[1] == rnd and cancel[0] in slots.values():
+            finish(next(s for s, r in slots.items() if r == cancel[0]))
+        free = [s for s in slot_order if s not in slots]
+        if queue and free:
+            slot, r = free[0], queue.pop(0)
+            prompt, max_tokens, settings = requests[r]
+            slots[slot] = r
+            pages[r] = alloc.allocate(math.ceil(len(prompt) / spec.page_size))
+            state = steps.set_pages(state, i32(slot), table_row(slot))
+            for c0 in range(0, len(prompt), spec.chunk_size):
+                chunk = prompt[c0: c0 + spec.chunk_size]
+                tokens = np.zeros((spec.bucket(len(chunk)),), np.int32)
+                tokens[: len(chunk)] = chunk
+                state, logits = steps.prefill_chunk(params, state, i32(slot), tokens, i32(c0),
+                                                    i32(len(chunk)), spec)
+            request = SlotRequest.create(spec, max_tokens=max_tokens, stop_ids=stops, **settings)
+            state, first = steps.insert(state, i32(slot), logits, request, spec)
+            out[r] = [int(first)]
+            if done(r):
+                finish(slot)
+        # Pages for the next N positions of every running slot.
+        for slot, r in slots.items():
+            need = min(math.ceil((in_cache(slot) + spec.decode_steps) / spec.page_size),
+                       spec.max_pages_per_slot)
+            if need > len(pages[r]):
+                pages[r] += alloc.allocate(need - len(pages[r]))
+                state = steps.set_pages(state, i32(slot), table_row(slot))
+        if slots:
+            state, tokens, valid = steps.decode(adapter.model.params, state, spec)
+            tokens, valid = np.asarray(tokens), np.asarray(valid)
+            for slot, r in list(slots.items()):
+                new = tokens[valid[:, slot], slot].tolist()
+                assert not done(r) or not new, "a finished slot produced tokens"
+                out[r] += new
+                if done(r):
+                    finish(slot)
+        rnd += 1
+        assert rnd < 200, "schedule did not finish"
+    return out, alloc
+
+
+def _cache_sizes():
+    return [f._cache_size() for f in STEPS]
+
+
+def test_engine_equals_adapter_generate(adapter):
+    spec = _spec(adapter)
+    requests = _requests(adapter)
+    refs = [_reference(adapter, *req) for req in requests]
+    assert any(len(r) > spec.decode_steps for r in refs)  # several dispatches per request
+
+    before = _cache_sizes()
+    out, alloc = run_schedule(adapter, spec, requests, slot_order=[0, 1, 2])
+    for i, ref in enumerate(refs):
+        assert out[i] == ref, (i, requests[i][2])
+    assert alloc.num_free == spec.num_pages
+    compiled = _cache_sizes()
+    # At most one program per step, and one per prefill bucket.
+    budget = [len(spec.prefill_buckets), 1, 1, 1, 1]
+    assert all(c - b <= n for b, c, n in zip(before, compiled, budget)), (before, compiled)
+
+    # Other slot orders, another arrival order, and a request cancelled mid-decode: the
+    # other requests' tokens do not change, and nothing recompiles.
+    order = [3, 0, 5, 1, 4, 2]
+    reordered = [requests[i] for i in order]
+    out, alloc = run_schedule(adapter, spec, reordered, slot_order=[2, 0, 1], cancel=(3, 5))
+    for j, i in enumerate(order):
+        if j == 3:
+            assert out[j] == refs[i][: len(out[j])]  # cancelled: a prefix of its tokens
+            assert len(out[j]) < len(refs[i])
+        else:
+            assert out[j] == refs[i], (i, requests[i][2])
+    assert alloc.num_free == spec.num_pages
+    assert _cache_sizes() == compiled
+
+
+def test_decode_waits_for_pages_and_long_prefill(adapter):
+    """One slot with a prompt longer than a chunk run alone through N = 3 dispatches on
+    pages of 8, its pages grown only when it has stalled: the stall emits nothing and
+    the tokens still equal the reference."""
+    spec = _spec(adapter, num_slots=2, page_size=8, num_pages=8, max_pages_per_slot=6,
+                 prefill_buckets=(8, 16), decode_steps=3)
+    params = adapter.model.params
+    prompt = list(range(40, 61))  # 21 tokens: chunks of 16 and 5 (bucket 8)
+    ref = _reference(adapter, prompt, 14, dict(temperature=0.7, seed=99))
+    stops = adapter.eos_ids()
+    state = EngineState.create(spec, params.dtype)
+    table = np.full((spec.max_pages_per_slot,), -1, np.int32)
+    table[:3] = [5, 2, 7]  # 24 positions, scattered pages
+    slot = np.int32(1)
+    state = steps.set_pages(state, slot, table)
+    for c0 in (0, 16):
+        chunk = prompt[c0: c0 + 16]
+        tokens = np.zeros((spec.bucket(len(chunk)),), np.int32)
+        tokens[: len(chunk)] = chunk
+        state, logits = steps.prefill_chunk(params, state, slot, tokens, np.int32(c0),
+                                            np.int32(len(chunk)), spec)
+    request = SlotRequest.create(spec, max_tokens=14, stop_ids=stops, temperature=0.7, seed=99)
+    state, first = steps.insert(state, slot, logits, request, spec)
+    out = [int(first)]
+    grown = False
+    while len(out) < len(ref) and out[-1] not in stops:
+        state, tokens, valid = steps.decode(params, state, spec)
+        tokens, valid = np.asarray(tokens), np.asarray(valid)
+        assert not valid[:, 0].any()  # the free slot never runs
+        new = tokens[valid[:, 1], 1].tolist()
+        if len(prompt) + len(out) - 1 + len(new) == 24 and not grown:
+            # Position 24 has no page yet: the slot waits instead of writing nowhere.
+            state, tokens2, valid2 = steps.decode(params, state, spec)
+            assert not np.asarray(valid2).any()
+            table[3:5] = [0, 4]
+            state = steps.set_pages(state, slot, table)
+            grown = True
+        out += new
+    assert out == ref
+    assert grown or len(ref) < 24 - len(prompt) + 1
+
+
+def test_spec_refuses_bad_descriptions(adapter):
+    with pytest.raises(EngineSpecError, match="prefill_buckets"):
+        _spec(adapter, prefill_buckets=(8, 4))
+    with pytest.raises(EngineSpecError, match="attention_impl"):
+        _spec(adapter, attention_impl="cudnn")
+    with pytest.raises(EngineSpecError, match="num_slots"):
+        _spec(adapter, num_slots=0)
+    with pytest.raises(UnsupportedOperation, match="sliding window"):
+        _spec(adapter, config=adapter.config.replace(sliding_window=16))
+    spec = _spec(adapter)
+    assert hash(spec) == hash(_spec(adapter))
+    with pytest.raises(EngineSpecError, match="stop ids"):
+        SlotRequest.create(spec, max_tokens=4, stop_ids=(1, 2, 3))
+    with pytest.raises(EngineSpecError, match="prefill chunk"):
+        spec.bucket(9)
+
+
+def test_pallas_kernel_path_equals_adapter_generate(adapter):
+    """The same steps with the paged Pallas kernel (interpreted on the CPU) for both the
+    prefill chunks and decode: two sampled requests decoded side by side."""
+    if adapter.config.rope_style != "interleaved":
+        pytest.skip("one model is enough for the interpreted kernel (slow to trace)")
+    spec = _spec(adapter, num_slots=2, attention_impl="pallas_interpret")
+    requests = [_requests(adapter)[i] for i in (1, 4)]
+    refs = [_reference(adapter, *req) for req in requests]
+    out, alloc = run_schedule(adapter, spec, requests, slot_order=[1, 0])
+    assert [out[0], out[1]] == refs
+    assert alloc.num_free == spec.num_pages
+
+
+def test_shared_prefix_pages(adapter):
+    """Prefix caching at the step level: request B's block table starts with request A's
+    two full prompt pages (refcount 2 in the allocator) and B prefills only its own
+    suffix, from position 16; both then decode side by side and equal the reference."""
+    spec = _spec(adapter, num_slots=2, page_size=8, num_pages=12, max_pages_per_slot=5,
+                 prefill_buckets=(8, 32), decode_steps=4)
+    params = adapter.model.params
+    stops = adapter.eos_ids()
+    rng = np.random.default_rng(5)
+    shared = rng.integers(3, adapter.config.vocab_size, 16).tolist()
+    prompts = [shared + [7, 8, 9], shared + rng.integers(3, 250, 6).tolist()]
+    settings = [dict(temperature=0.9, seed=1), dict()]
+    refs = [_reference(adapter, p, 12, s) for p, s in zip(prompts, settings)]
+    alloc = PageAllocator(spec.num_pages, spec.page_size)
+    state = EngineState.create(spec, params.dtype)
+    tables = []
+    for slot, (prompt, s) in enumerate(zip(prompts, settings)):
+        cached = alloc.match_prefix(prompt[:-1])
+        assert len(cached) == (0 if slot == 0 else 2)
+        owned = alloc.allocate(spec.max_pages_per_slot - len(cached))
+        tables.append(cached + owned)
+        state = steps.set_pages(state, np.int32(slot), np.asarray(tables[-1], np.int32))
+        start = len(cached) * spec.page_size
+        rest = prompt[start:]
+        tokens = np.zeros((spec.bucket(len(rest)),), np.int32)
+        tokens[: len(rest)] = rest
+        state, logits = steps.prefill_chunk(params, state, np.int32(slot), tokens,
+                                            np.int32(start), np.int32(len(rest)), spec)
+        if slot == 0:
+            for page, key in zip(tables[0], prefix_keys(prompt, spec.page_size)):
+                alloc.register(page, key)
+        request = SlotRequest.create(spec, max_tokens=12, stop_ids=stops, **s)
+        state, first = steps.insert(state, np.int32(slot), logits, request, spec)
+        tables[-1] = (tables[-1], [int(first)])
+    outs = [t[1] for t in tables]
+    for _ in range(3):
+        state, tokens, valid = steps.decode(params, state, spec)
+        tokens, valid = np.asarray(tokens), np.asarray(valid)
+        for slot in range(2):
+            outs[slot] += tokens[valid[:, slot], slot].tolist()
+    assert outs == refs
+    assert alloc.refcount(tables[0][0][0]) == 2
