@@ -28,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxllama import generation, hub
+from jaxllama import backend, generation, hub
+from jaxllama.backend import BackendPolicy
 from jaxllama.errors import (
     AdapterError,
+    JaxLlamaError,
     ForwardPassFailed,
     InvalidModelType,
     InvalidRequestError,
@@ -200,8 +202,23 @@ class LlamaInferenceAdapter:
     """Unified inference over Qwen2.5, Phi-3 and Llama-family models (see module doc)."""
 
     model: LoadedModel | None
-    attention_impl: str | None = None  # None: "pallas" on GPU, "xla" elsewhere
+    # The requested implementations; None: the default of `jaxllama.backend.choose`
+    # (the Pallas kernels on a GPU without a mesh, XLA elsewhere).
+    attention_impl: str | None = None
+    matmul_impl: str | None = None
     uid: int = dataclasses.field(default_factory=lambda: next(_uids))
+    # What runs, decided once here from the backend, the mesh and the request above.
+    policy: BackendPolicy | None = dataclasses.field(init=False, default=None)
+
+    def __post_init__(self):
+        """Refuses (InvalidRequestError) an implementation that cannot run here."""
+        if self.model is not None and not isinstance(self.model, LoadedModel):
+            raise InvalidRequestError(
+                f"model must be a LoadedModel (see load_gguf), got {type(self.model).__name__}"
+            )
+        sharded = self.model is not None and self.model.plan is not None
+        object.__setattr__(self, "policy", backend.choose(self.attention_impl, self.matmul_impl,
+                                                          sharded=sharded))
 
     # ----- construction (the design's new_qwen / new_phi3 / Into<LlamaInferenceAdapter>)
     @classmethod
@@ -309,12 +326,9 @@ class LlamaInferenceAdapter:
 
         return Tokenizer.from_metadata(self._loaded().metadata)
 
-    def _impl(self) -> str:
-        if self.attention_impl is not None:
-            return self.attention_impl
-        if self._loaded().plan is not None:
-            return "xla"  # GSPMD cannot split a pallas_call; XLA's attention partitions
-        return "xla" if jax.default_backend() == "cpu" else "pallas"
+    def _impl(self) -> BackendPolicy:
+        """The policy, passed to the jitted steps as their static `attention_impl`."""
+        return self.policy
 
     def _fn(self) -> Callable:
         forward = MODEL_FUNCTIONS[self.model_type()].forward
@@ -416,9 +430,11 @@ class LlamaInferenceAdapter:
     def _run(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except AdapterError:
+        except JaxLlamaError:
             raise
-        except (jax.errors.JaxRuntimeError, RuntimeError, MemoryError) as exc:
+        except (jax.errors.JaxRuntimeError, RuntimeError, MemoryError, ValueError, TypeError) as exc:
+            # A ValueError or TypeError here is not the caller's input (that was checked
+            # before): JAX refusing a shape or a dtype while tracing.
             if not self.is_loaded():
                 raise ModelNotLoaded("this adapter's model was unloaded") from exc
             raise ForwardPassFailed(f"{type(exc).__name__}: {exc}") from exc

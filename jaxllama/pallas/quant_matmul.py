@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxllama.errors import InvalidRequestError
+from jaxllama.errors import InvalidRequestError, library_errors
 from jaxllama.pallas.flash_attention import MIN_BLOCK, triton_compiler_params
 from jaxllama.quant.formats import BLOCK, QuantizedWeight
 
@@ -143,6 +143,7 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
     return block
 
 
+@library_errors
 @functools.partial(
     jax.jit,
     static_argnames=["block_n", "block_k", "num_splits", "num_warps", "num_stages", "interpret"],
@@ -237,6 +238,7 @@ def quant_matmul(
     return jnp.sum(partials, axis=0)[:m, :n_out]
 
 
+@library_errors
 def quant_matmul_reference(x: jax.Array, w: QuantizedWeight, **unused) -> jax.Array:
     """The XLA twin of `quant_matmul`: w dequantized to x's dtype, then x @ w.T
     accumulated in float32. Takes x (..., in), returns (..., N) float32."""
