@@ -91,7 +91,7 @@ def library_errors(fn):
             return fn(*args, **kwargs)
         except JaxLlamaError:
             raise
-        except (TypeError, ValueError, AttributeError) as exc:
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise InvalidRequestError(f"{name}: bad arguments: {type(exc).__name__}: {exc}") from exc
 
     for attr in ("lower", "trace", "eval_shape", "_cache_size", "clear_cache"):

@@ -243,5 +243,13 @@ def quant_matmul_reference(x: jax.Array, w: QuantizedWeight, **unused) -> jax.Ar
     """The XLA twin of `quant_matmul`: w dequantized to x's dtype, then x @ w.T
     accumulated in float32. Takes x (..., in), returns (..., N) float32."""
     del unused
+    if not isinstance(w, QuantizedWeight):
+        raise InvalidRequestError(f"quant_matmul_reference: w is {type(w).__name__}; expected a QuantizedWeight")
+    if not hasattr(x, "shape") or jnp.ndim(x) < 1 or x.shape[-1] != w.shape[1] \
+            or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise InvalidRequestError(
+            f"quant_matmul_reference: x is {getattr(x, 'dtype', type(x).__name__)} of shape "
+            f"{jnp.shape(x) if hasattr(x, 'shape') else '?'}; expected a float array (..., {w.shape[1]})"
+        )
     dense = w.dequantize(x.dtype)
     return jnp.einsum("...i,oi->...o", x, dense, preferred_element_type=jnp.float32)

@@ -59,6 +59,14 @@ def qlinear(x: jax.Array, w: QuantizedWeight | jax.Array, *, impl: str = "xla") 
         dim is not w's in dim.
     """
     impl = backend.check("matmul", impl, what="qlinear: impl")
+    if not isinstance(w, QuantizedWeight) and not (hasattr(w, "shape") and len(w.shape) == 2):
+        raise InvalidRequestError(
+            f"qlinear: w is {type(w).__name__}; expected a QuantizedWeight or a dense (out, in) array"
+        )
+    if not hasattr(x, "shape") or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise InvalidRequestError(
+            f"qlinear: x is {getattr(x, 'dtype', type(x).__name__)}; expected a float array (..., in)"
+        )
     out, in_ = w.shape
     if jnp.ndim(x) < 1 or x.shape[-1] != in_:
         raise InvalidRequestError(
