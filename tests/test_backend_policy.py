@@ -298,3 +298,33 @@ def test_interpreted_kernels_are_not_probed(monkeypatch, fresh, tiny):
     LlamaInferenceAdapter.from_model(tiny, attention_impl="pallas_interpret").generate(PROMPT, 2)
     assert calls == []
 
+
+
+def test_a_kernel_that_compiles_is_used(monkeypatch, xla_results, fresh, tiny):
+    """The probe runs inside the model's trace; a kernel that lowers and compiles there is
+    placed in the step (here the interpreted kernels stand in for GPU ones that compile)."""
+    from jaxllama.pallas.decode_attention import decode_attention
+    from jaxllama.pallas.flash_attention import flash_attention
+
+    placed = []
+
+    def compiling(kernel, name):
+        def stand_in(*args, sm_scale, interpret=False):
+            placed.append(name)
+            return kernel(*args, sm_scale=sm_scale, interpret=True)
+
+        return jax.jit(stand_in, static_argnames=("sm_scale", "interpret"))
+
+    on(monkeypatch, "gpu")
+    monkeypatch.setattr(transformer, "flash_attention", compiling(flash_attention, "flash"))
+    monkeypatch.setattr(transformer, "decode_attention", compiling(decode_attention, "decode"))
+    adapter = LlamaInferenceAdapter.from_model(tiny, matmul_impl="xla")
+    assert adapter.policy.attention == "pallas"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = _run_all(adapter)
+    assert _fallbacks(record) == []
+    assert {"flash", "decode"} <= set(placed)
+    want = xla_results["dense"]
+    assert got[:2] == want[:2]
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-4, atol=1e-4)

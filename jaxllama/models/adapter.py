@@ -7,6 +7,11 @@ prompt plus the first sampled token and a `DecodeState` (KV cache, step, PRNG ke
 `decode` takes and returns. One adapter may be shared between threads: every call works
 on its own cache.
 
+Which attention and quantized matmul run is decided once, when the adapter is made, by
+`jaxllama.backend.choose` (the adapter's `policy`); a request that cannot run here is an
+InvalidRequestError then, not at the first call. Public methods return or raise a
+`jaxllama.errors.JaxLlamaError`.
+
 Shapes are bucketed so that varied requests reuse compilations: prompts are padded to a
 power of two (at least 16) and caches to a power of two (at least 256, capped at the
 context length); `generate`'s on-device output buffer is as long as its cache, so one

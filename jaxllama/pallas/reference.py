@@ -45,8 +45,8 @@ def xla_attention(
     accumulation), as the kernels do. Slots a query may not see never reach its output,
     whatever they hold (NaN included), unless `finite_values` says that v's slots past
     each row's length hold finite numbers: then the pass that zeroes them is skipped
-    (the model's caches hold zeros or padding tokens' values there; on a 2-core CPU the
-    pass cost about a third of the attention time at 2,048 slots).
+    (the model's caches hold zeros or padding tokens' values there, and XLA:CPU does not
+    fuse that pass into the dot; figures in benchmarks/RESULTS.md).
     """
     b, t, n, h = q.shape
     kh = k.shape[1]
