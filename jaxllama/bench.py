@@ -447,8 +447,11 @@ def _run(args, log: CompileLog, out) -> int:
     out(f"copy bandwidth: {bw / 1e9:,.1f} GB/s (bytes read + written by a jitted x + 1 over a "
         f"{buf / 2**20:.0f} MiB uint32 buffer, best of {BANDWIDTH_REPEATS})")
 
-    tuned = "xla" if jax.default_backend() == "cpu" else "pallas"  # the adapter's rule for None
-    out(f"attention: default path = {tuned!r} (LlamaInferenceAdapter picks 'pallas' on GPU, 'xla' on CPU)")
+    from jaxllama.backend import choose
+
+    tuned = choose().attention  # what the adapter runs for None
+    out(f"attention: default path = {tuned!r} (jaxllama.backend.choose: 'pallas' on a GPU, 'xla' elsewhere "
+        "and on a mesh)")
     impls = [(None, f"default:{tuned}")]
     if args.compare_xla:
         if tuned == "xla":

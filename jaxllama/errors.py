@@ -68,3 +68,34 @@ class UnsupportedOperation(AdapterError):
 
 class InvalidRequestError(AdapterError, ValueError):
     """A call whose arguments are out of range or disagree with its config or state."""
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """A Pallas kernel that does not compile for this device and JAX version: its XLA
+    twin runs instead (see `jaxllama.backend`). A warning, not an error: results stay
+    correct, only the speed of the kernel is lost."""
+
+
+def library_errors(fn):
+    """`fn` with the TypeErrors, ValueErrors and AttributeErrors of bad arguments (JAX's
+    own checks included, and a non-array where an array belongs) raised as InvalidRequestError naming `fn`; the library's errors pass
+    unchanged. A jitted `fn` keeps its `lower`, `trace`, `eval_shape` and cache
+    methods."""
+    import functools
+
+    name = getattr(fn, "__name__", "call")
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except JaxLlamaError:
+            raise
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise InvalidRequestError(f"{name}: bad arguments: {type(exc).__name__}: {exc}") from exc
+
+    for attr in ("lower", "trace", "eval_shape", "_cache_size", "clear_cache"):
+        if hasattr(fn, attr):
+            setattr(wrapper, attr, getattr(fn, attr))
+    wrapper.__wrapped__ = fn
+    return wrapper

@@ -16,7 +16,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+
+from jaxllama.errors import InvalidRequestError
 
 NEG_INF = -jnp.inf
 
@@ -42,14 +45,37 @@ class SamplingParams:
 
     @classmethod
     def create(cls, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0):
-        return cls(
-            temperature=jnp.float32(temperature), top_k=jnp.int32(top_k), top_p=jnp.float32(top_p),
-            min_p=jnp.float32(min_p), repetition_penalty=jnp.float32(repetition_penalty),
-        )
+        """The values as () arrays. Each may be a number or a () array (traced or not);
+        anything else is an InvalidRequestError."""
+        for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                            ("min_p", min_p), ("repetition_penalty", repetition_penalty)):
+            _check_number(name, value, allow_arrays=True)
+        try:
+            return cls(
+                temperature=jnp.float32(temperature), top_k=jnp.int32(top_k), top_p=jnp.float32(top_p),
+                min_p=jnp.float32(min_p), repetition_penalty=jnp.float32(repetition_penalty),
+            )
+        except (TypeError, ValueError, OverflowError) as exc:  # e.g. a top_k of NaN or 2**40
+            raise InvalidRequestError(
+                f"sampling: a value does not fit its type (float32 values, int32 top_k): {exc}"
+            ) from exc
+
+
+def _check_number(name: str, value, *, allow_arrays: bool = False) -> None:
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return
+    if allow_arrays and hasattr(value, "dtype") and jnp.ndim(value) == 0 and (
+            jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)):
+        return
+    raise InvalidRequestError(f"sampling: {name} is {value!r}; expected a number")
 
 
 def spec_for(temperature: float, top_k: int, top_p: float, min_p: float,
              repetition_penalty: float) -> SamplerSpec:
+    """Which filters the values turn on (Python numbers; they pick the compilation)."""
+    for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                        ("min_p", min_p), ("repetition_penalty", repetition_penalty)):
+        _check_number(name, value)
     return SamplerSpec(
         greedy=temperature == 0,
         top_k=top_k > 0,

@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
+import numpy as np
 import jinja2.ext
 import jinja2.sandbox
 from gguf import TokenType
@@ -278,30 +279,34 @@ class Tokenizer:
         `skip_special_tokens` drops CONTROL tokens (BOS, EOS, `<|im_end|>`, ...). No clean-up of
         spaces is done, so `decode(encode(t, add_special_tokens=False)) == t`.
         """
-        checked = []
-        for token_id in ids:
-            token_id = int(token_id)
-            if not 0 <= token_id < self.vocab_size:
-                raise TokenizerError(
-                    f"token id {token_id} is outside the vocabulary (vocab_size {self.vocab_size})"
-                )
-            checked.append(token_id)
-        return self._backend.decode(checked, skip_special_tokens=skip_special_tokens)
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise TokenizerError(f"decode takes a sequence of token ids, got {type(ids).__name__}")
+        checked = [self._check_id(token_id) for token_id in ids]
+        return self._backend.decode(checked, skip_special_tokens=bool(skip_special_tokens))
 
     def stream_decoder(self, *, skip_special_tokens: bool = False) -> StreamDecoder:
         """A decoder fed one id at a time that only ever returns whole characters."""
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
-    def id_to_token(self, token_id: int) -> str:
-        """The vocabulary entry of `token_id`, as the file spells it (e.g. "Ġthe", "▁the")."""
-        if not 0 <= int(token_id) < self.vocab_size:
+    def _check_id(self, token_id) -> int:
+        """`token_id` as an int, or TokenizerError: not an integer, or outside the vocabulary."""
+        if not _is_integer(token_id):
+            raise TokenizerError(f"{token_id!r} is not a token id (an int); expected an int in "
+                                 f"[0, {self.vocab_size})")
+        if not 0 <= token_id < self.vocab_size:
             raise TokenizerError(
                 f"token id {token_id} is outside the vocabulary (vocab_size {self.vocab_size})"
             )
-        return self._tokens[int(token_id)]
+        return int(token_id)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary entry of `token_id`, as the file spells it (e.g. "Ġthe", "▁the")."""
+        return self._tokens[self._check_id(token_id)]
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a vocabulary entry spelled as in the file, or None."""
+        if not isinstance(token, str):
+            raise TokenizerError(f"token_to_id takes a str, got {type(token).__name__}")
         return self._backend.token_to_id(token)
 
     # -- chat ---------------------------------------------------------------------------------
@@ -318,6 +323,13 @@ class Tokenizer:
         """
         if not self.chat_template:
             raise TokenizerError("this GGUF has no tokenizer.chat_template to render")
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(m, Mapping) for m in messages):
+            raise TokenizerError(
+                f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
+                f"{type(messages).__name__}"
+                + ("" if not isinstance(messages, (list, tuple)) else " holding "
+                   + ", ".join(sorted({type(m).__name__ for m in messages})))
+            )
         names = {"bos_token": self.bos_id, "eos_token": self.eos_id}
         names |= {"unk_token": self.unk_id, "pad_token": self.pad_id}
         variables = {"tools": None, "documents": None}
@@ -331,6 +343,12 @@ class Tokenizer:
             )
         except jinja2.TemplateError as err:
             raise TokenizerError(f"chat template: {err}") from err
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
+            # The template is the file's code run on the caller's messages: a message it
+            # cannot render (content not a string, a missing key) is bad input.
+            raise TokenizerError(
+                f"chat template: cannot render these messages: {type(err).__name__}: {err}"
+            ) from err
 
 
 class StreamDecoder:
@@ -359,8 +377,7 @@ class StreamDecoder:
         return seen, self._tokenizer.decode(window, skip_special_tokens=self._skip)
 
     def push(self, token_id: int) -> str:
-        token_id = int(token_id)
-        self._tokenizer.decode([token_id])  # validates the id before it joins the stream
+        token_id = self._tokenizer._check_id(token_id)  # before it joins the stream
         self._ids.append(token_id)
         seen, text = self._pending()
         if text.endswith("\ufffd") or not text.startswith(seen) or len(text) == len(seen):
@@ -374,6 +391,16 @@ class StreamDecoder:
         if new:  # pushing may go on after a flush; the context then stays as after a push
             self._context, self._emitted = self._emitted, len(self._ids)
         return new
+
+
+def _is_integer(x) -> bool:
+    """An int, a NumPy integer, or a 0-d integer array (a JAX scalar); not a bool."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, (int, np.integer)):
+        return True
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and np.ndim(x) == 0 and np.issubdtype(dtype, np.integer)
 
 
 # -- building the backend ---------------------------------------------------------------------

@@ -298,7 +298,7 @@ def test_model_not_loaded_after_unload(qwen, baseline):
 def test_unsupported_operation_pallas_with_sliding_window(phi3):
     """The Pallas kernels have no sliding window: with a cache longer than the window the
     adapter says so instead of attending outside it."""
-    a = dataclasses.replace(phi3.adapter, attention_impl="pallas")
+    a = dataclasses.replace(phi3.adapter, attention_impl="pallas_interpret")
     for call in (lambda: a.generate(PROMPT, N_NEW), lambda: a.prefill(PROMPT)):
         with pytest.raises(UnsupportedOperation) as exc:
             call()
@@ -312,7 +312,7 @@ def test_unsupported_operation_names_qwen(qwen, baseline):
     """The same refusal for a Qwen2.5 config with a window names Qwen2_5."""
     model = qwen.adapter.model
     windowed = dataclasses.replace(model, config=dataclasses.replace(model.config, sliding_window=4))
-    a = LlamaInferenceAdapter.from_model(windowed, attention_impl="pallas")
+    a = LlamaInferenceAdapter.from_model(windowed, attention_impl="pallas_interpret")
     with pytest.raises(UnsupportedOperation, match=r"^Unsupported operation for model type: Qwen2_5"):
         a.generate(PROMPT, N_NEW)
     assert qwen.adapter.generate(PROMPT, N_NEW) == baseline

@@ -245,3 +245,47 @@ def test_decode_lengths_do_not_recompile():
     assert decode_attention._cache_size() == compiled
     want = numpy_attention(q[:, None], k, v, shorter - 1, shorter, kw["sm_scale"])[:, 0]
     _assert_close("shorter lengths", got, want, case.dtype)
+
+
+def test_one_mask_rule():
+    """The model runs the attention the kernels' twins are: one function, one mask,
+    and that mask is the definition (sliding window included), checked slot by slot."""
+    from jaxllama.models import transformer
+    from jaxllama.pallas import reference
+
+    assert transformer.xla_attention is reference.xla_attention
+    rng = np.random.default_rng(7)
+    positions = rng.integers(-2, 12, (3, 5)).astype(np.int32)
+    lengths = np.array([0, 7, 12], np.int32)
+    for window in (None, 1, 4):
+        got = np.asarray(reference.attention_mask(jnp.asarray(positions), jnp.asarray(lengths), 12, window))
+        for b, t, s in np.ndindex(3, 5, 12):
+            p = positions[b, t]
+            want = s <= p and s < lengths[b] and (window is None or s > p - window)
+            assert got[b, t, s] == want, (b, t, s, window)
+
+
+def test_model_attention_with_a_window_against_float64():
+    """xla_attention with a sliding window, against the float64 definition restricted
+    to the window (the kernels have no window; the model's XLA path does)."""
+    rng = np.random.default_rng(3)
+    q = _random(rng, (2, 5, 4, 64), jnp.float32)
+    k = _random(rng, (2, 2, 19, 64), jnp.float32)
+    v = _random(rng, (2, 2, 19, 64), jnp.float32)
+    q_offset = np.array([0, 11], np.int32)
+    lengths = np.array([5, 16], np.int32)
+    positions = q_offset[:, None] + np.arange(5)[None, :]
+    window = 3
+    from jaxllama.pallas.reference import xla_attention
+
+    got = xla_attention(q, _poison_cache(k, lengths), _poison_cache(v, lengths), jnp.asarray(positions),
+                        jnp.asarray(lengths), sm_scale=0.125, sliding_window=window)
+    q64, k64, v64 = _as64(q), _as64(k), _as64(v)
+    want = np.zeros(q.shape)
+    for b, t, n in np.ndindex(2, 5, 4):
+        p = positions[b, t]
+        lo, hi = max(0, p - window + 1), min(p + 1, lengths[b])
+        logits = k64[b, n // 2, lo:hi] @ q64[b, t, n] * 0.125
+        w = np.exp(logits - logits.max())
+        want[b, t, n] = w @ v64[b, n // 2, lo:hi] / w.sum()
+    _assert_close("windowed xla_attention", got, want, jnp.float32)

@@ -7,6 +7,11 @@ prompt plus the first sampled token and a `DecodeState` (KV cache, step, PRNG ke
 `decode` takes and returns. One adapter may be shared between threads: every call works
 on its own cache.
 
+Which attention and quantized matmul run is decided once, when the adapter is made, by
+`jaxllama.backend.choose` (the adapter's `policy`); a request that cannot run here is an
+InvalidRequestError then, not at the first call. Public methods return or raise a
+`jaxllama.errors.JaxLlamaError`.
+
 Shapes are bucketed so that varied requests reuse compilations: prompts are padded to a
 power of two (at least 16) and caches to a power of two (at least 256, capped at the
 context length); `generate`'s on-device output buffer is as long as its cache, so one
@@ -28,9 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxllama import generation, hub
+from jaxllama import backend, generation, hub
+from jaxllama.backend import BackendPolicy
 from jaxllama.errors import (
     AdapterError,
+    JaxLlamaError,
     ForwardPassFailed,
     InvalidModelType,
     InvalidRequestError,
@@ -124,9 +131,13 @@ class AdapterForwardConfig:
 
     def for_decode(self, state: "DecodeState") -> "AdapterForwardConfig":
         """The config for the next `decode` on `state` (is_prefill False, cache_len set)."""
+        if not isinstance(state, DecodeState):
+            raise InvalidRequestError(f"for_decode takes a DecodeState from prefill, got {type(state).__name__}")
         return dataclasses.replace(self, is_prefill=False, seq_len=1, cache_len=state.cache_len)
 
     def sampler(self):
+        """(SamplerSpec, SamplingParams) for these settings; InvalidRequestError if invalid."""
+        self.validate()
         spec = spec_for(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
         params = SamplingParams.create(
             temperature=self.temperature if self.temperature > 0 else 1.0, top_k=self.top_k,
@@ -197,15 +208,34 @@ _uids = itertools.count(1)
 class LlamaInferenceAdapter:
     """Unified inference over Qwen2.5, Phi-3 and Llama-family models (see module doc)."""
 
-    model: LoadedModel | None
-    attention_impl: str | None = None  # None: "pallas" on GPU, "xla" elsewhere
+    model: LoadedModel | None = dataclasses.field(repr=False)  # its arrays are not printed
+    # The requested implementations; None: the default of `jaxllama.backend.choose`
+    # (the Pallas kernels on a GPU without a mesh, XLA elsewhere).
+    attention_impl: str | None = None
+    matmul_impl: str | None = None
     uid: int = dataclasses.field(default_factory=lambda: next(_uids))
+    # What runs, decided once here from the backend, the mesh and the request above.
+    policy: BackendPolicy | None = dataclasses.field(init=False, default=None)
+
+    def __post_init__(self):
+        """Refuses (InvalidRequestError) an implementation that cannot run here."""
+        if self.model is not None and not isinstance(self.model, LoadedModel):
+            raise InvalidRequestError(
+                f"model must be a LoadedModel (see load_gguf), got {type(self.model).__name__}"
+            )
+        sharded = self.model is not None and self.model.plan is not None
+        object.__setattr__(self, "policy", backend.choose(self.attention_impl, self.matmul_impl,
+                                                          sharded=sharded))
 
     # ----- construction (the design's new_qwen / new_phi3 / Into<LlamaInferenceAdapter>)
     @classmethod
     def from_model(cls, model: LoadedModel, *, mesh=None, **kwargs) -> "LlamaInferenceAdapter":
         """Wrap a loaded model; with `mesh`, its params are first moved onto the mesh (a
         model loaded with `load_gguf(..., mesh=)` is already there)."""
+        if not isinstance(model, LoadedModel):
+            raise InvalidRequestError(
+                f"from_model takes a LoadedModel (see load_gguf), got {type(model).__name__}"
+            )
         if model.model_type not in MODEL_FUNCTIONS:
             raise InvalidModelType(model.model_type, "no model functions are registered for it")
         if mesh is not None and (model.plan is None or model.plan.mesh != mesh):
@@ -248,6 +278,10 @@ class LlamaInferenceAdapter:
         `progress=True` shows a loading bar on stderr (the command line's choice; a
         library call is quiet by default).
         """
+        if not isinstance(path_or_name, (str, os.PathLike)):
+            raise InvalidRequestError(
+                f"from_gguf takes a path or a packaged model name, got {type(path_or_name).__name__}"
+            )
         path = hub.resolve(path_or_name)
         return cls.from_model(load_gguf(path, config, dtype=dtype, weights=weights,
                                         progress=progress, mesh=mesh), **kwargs)
@@ -310,12 +344,9 @@ class LlamaInferenceAdapter:
 
         return Tokenizer.from_metadata(self._loaded().metadata)
 
-    def _impl(self) -> str:
-        if self.attention_impl is not None:
-            return self.attention_impl
-        if self._loaded().plan is not None:
-            return "xla"  # GSPMD cannot split a pallas_call; XLA's attention partitions
-        return "xla" if jax.default_backend() == "cpu" else "pallas"
+    def _impl(self) -> BackendPolicy:
+        """The policy, passed to the jitted steps as their static `attention_impl`."""
+        return self.policy
 
     def _fn(self) -> Callable:
         forward = MODEL_FUNCTIONS[self.model_type()].forward
@@ -338,11 +369,11 @@ class LlamaInferenceAdapter:
             input_ids = np.asarray(input_ids).tolist()
         if isinstance(input_ids, (int, np.integer)):
             rows, batched = [[int(input_ids)]], False
-        elif isinstance(input_ids, Sequence) and input_ids and all(
-            isinstance(r, Sequence) and not isinstance(r, str) for r in input_ids
+        elif isinstance(input_ids, Sequence) and not isinstance(input_ids, (str, bytes)) and input_ids and all(
+            isinstance(r, Sequence) and not isinstance(r, (str, bytes)) for r in input_ids
         ):
             rows, batched = [list(r) for r in input_ids], True
-        elif isinstance(input_ids, Sequence) and not isinstance(input_ids, str):
+        elif isinstance(input_ids, Sequence) and not isinstance(input_ids, (str, bytes)):
             rows, batched = [list(input_ids)], False
         else:
             raise InvalidRequestError(f"{what} must be a list of token ids, got {type(input_ids).__name__}")
@@ -358,6 +389,13 @@ class LlamaInferenceAdapter:
                         f"{what}: token id {tok} is out of range; expected 0 <= id < vocab size {vocab}"
                     )
         return [[int(t) for t in r] for r in rows], batched
+
+    def _id_row(self, ids, what: str) -> list[int]:
+        """One row of token ids (checked as `_as_batch` checks them)."""
+        rows, batched = self._as_batch(ids, what)
+        if batched and len(rows) != 1:
+            raise InvalidRequestError(f"{what} must be one list of token ids, got {len(rows)} rows")
+        return rows[0]
 
     def _check_config(self, config: AdapterForwardConfig | None, rows, *, prefill: bool,
                       state: DecodeState | None = None) -> AdapterForwardConfig:
@@ -417,9 +455,11 @@ class LlamaInferenceAdapter:
     def _run(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except AdapterError:
+        except JaxLlamaError:
             raise
-        except (jax.errors.JaxRuntimeError, RuntimeError, MemoryError) as exc:
+        except (jax.errors.JaxRuntimeError, RuntimeError, MemoryError, ValueError, TypeError) as exc:
+            # A ValueError or TypeError here is not the caller's input (that was checked
+            # before): JAX refusing a shape or a dtype while tracing.
             if not self.is_loaded():
                 raise ModelNotLoaded("this adapter's model was unloaded") from exc
             raise ForwardPassFailed(f"{type(exc).__name__}: {exc}") from exc
@@ -626,7 +666,9 @@ class LlamaInferenceAdapter:
     def _score(self, token_sequences, batch_size):
         rows, _ = self._as_batch(token_sequences, "token_sequences")
         model = self._loaded()
-        batch_size = min(batch_size, _bucket(len(rows), 1))
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InvalidRequestError(f"batch_size is {batch_size!r}, expected an integer >= 1")
+        batch_size = min(int(batch_size), _bucket(len(rows), 1))
         for r in rows:
             if len(r) < 2:
                 raise InvalidRequestError("score needs sequences of at least 2 tokens")
@@ -659,9 +701,9 @@ class LlamaInferenceAdapter:
         """(log p(continuation | context), whether greedy decoding would produce it), the
         form evaluation harnesses use. Strings are tokenized (the context with the file's
         BOS rule, the continuation without); lists are taken as ids."""
-        ctx = self.encode(context) if isinstance(context, (str, bytes)) else list(context)
+        ctx = self.encode(context) if isinstance(context, (str, bytes)) else self._id_row(context, "context")
         cont = (self.encode(continuation, add_special_tokens=False)
-                if isinstance(continuation, (str, bytes)) else list(continuation))
+                if isinstance(continuation, (str, bytes)) else self._id_row(continuation, "continuation"))
         if not ctx or not cont:
             raise InvalidRequestError("loglikelihood needs a non-empty context and continuation")
         lp, gr = self._score([ctx + cont], 1)
@@ -675,9 +717,17 @@ class LlamaInferenceAdapter:
         transformers' perplexity guide). Returns (perplexity, tokens scored)."""
         from tqdm.auto import tqdm
 
-        ids = list(ids)
+        ids = self._id_row(ids, "ids")
+        for name, value in (("context", context), ("stride", stride)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise InvalidRequestError(f"{name} is {value!r}, expected an integer or None")
         context = context or min(self.config.context_length, 1024)
         stride = stride or context
+        if not 2 <= context <= self.config.context_length:
+            raise InvalidRequestError(
+                f"context is {context}, expected 2 <= context <= the context length "
+                f"{self.config.context_length}"
+            )
         if not 0 < stride <= context:
             raise InvalidRequestError(f"stride is {stride}, expected 0 < stride <= context ({context})")
         if len(ids) < 2:
@@ -709,20 +759,27 @@ class LlamaInferenceAdapter:
         return dataclasses.replace(self, model=None)
 
 
+def _check_name(name) -> None:
+    if not isinstance(name, str):
+        raise InvalidRequestError(f"a registered model's name is a str, got {type(name).__name__}")
+
+
 class ModelRegistry:
-    """Several named adapters loaded at once (thread-safe)."""
+    """Several named adapters loaded at once (thread-safe), by str name."""
 
     def __init__(self):
         self._adapters: dict[str, LlamaInferenceAdapter] = {}
         self._lock = threading.Lock()
 
     def register(self, name: str, adapter: LlamaInferenceAdapter) -> None:
+        _check_name(name)
         if not isinstance(adapter, LlamaInferenceAdapter):
             raise InvalidRequestError(f"register takes a LlamaInferenceAdapter, got {type(adapter).__name__}")
         with self._lock:
             self._adapters[name] = adapter
 
     def get(self, name: str) -> LlamaInferenceAdapter | None:
+        _check_name(name)
         with self._lock:
             return self._adapters.get(name)
 
@@ -739,6 +796,7 @@ class ModelRegistry:
             return sorted(self._adapters)
 
     def unregister(self, name: str) -> LlamaInferenceAdapter | None:
+        _check_name(name)
         with self._lock:
             return self._adapters.pop(name, None)
 

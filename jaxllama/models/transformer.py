@@ -11,8 +11,11 @@ Layouts: projection weights are kept as GGUF/PyTorch store them, (out, in), so l
 never transposes; `linear` contracts the `in` axis. Any projection, the embedding table
 and the output projection may instead be a `jaxllama.quant.QuantizedWeight` (int8/int4
 codes with per-32 scales): `linear` then calls `qlinear`, which dequantizes in the
-matmul (the Pallas kernel on a GPU for up to 32 rows, XLA otherwise), and the embedding
-lookup dequantizes only the rows it gathers. Norms and biases stay dense; their dtype is
+matmul (XLA or the Pallas kernel, as the `jaxllama.backend.BackendPolicy` says), and
+the embedding lookup dequantizes only the rows it gathers. Attention is
+`jaxllama.pallas.reference.xla_attention` (the mask rule the kernels are tested
+against) or the kernel the policy names; a kernel that does not compile on this device
+falls back to it. Norms and biases stay dense; their dtype is
 the compute dtype (`Params.dtype`). The KV cache is (B, K, S, H) per
 layer, so one kv head's keys are contiguous for the decode kernel. Layers are a tuple,
 unrolled in Python: scanning over stacked layer weights copied each slice on GPU
@@ -23,18 +26,27 @@ unrolled in Python: scanning over stacked layer weights copied each slice on GPU
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Literal, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxllama import backend
+from jaxllama.backend import BackendPolicy
+from jaxllama.errors import UnsupportedOperation
 from jaxllama.models.config import ROPE_INTERLEAVED, ModelConfig
+from jaxllama.pallas.decode_attention import decode_attention
+from jaxllama.pallas.flash_attention import flash_attention
+from jaxllama.pallas.reference import attention_mask, xla_attention
 from jaxllama.quant import QuantizedWeight, qlinear
 
 Array = jax.Array
 AttentionImpl = Literal["xla", "pallas", "pallas_interpret", "cudnn"]
+# What the model functions' `attention_impl` takes: the adapter's BackendPolicy, or an
+# attention name from which `jaxllama.backend.choose` derives the rest.
+Impl = Union[BackendPolicy, AttentionImpl]
 
 
 @struct.dataclass
@@ -123,17 +135,6 @@ class KVCache:
         return KVCache(k=tuple(map(pad, self.k)), v=tuple(map(pad, self.v)), lengths=self.lengths)
 
 
-def matmul_impl(attention_impl: str, shard=None) -> str:
-    """How `qlinear` multiplies by a QuantizedWeight: the fused Pallas kernel on a GPU
-    (interpreted when the attention is), XLA's dequantize-then-dot on the CPU and on a
-    mesh (GSPMD cannot split a pallas_call)."""
-    if shard is not None:
-        return "xla"
-    if attention_impl == "pallas_interpret":
-        return "pallas_interpret"
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
-
-
 def linear(x: Array, w: Array | QuantizedWeight, b: Array | None = None, *, impl: str = "xla") -> Array:
     """x (..., in) times w (out, in) -> (..., out), accumulated in float32. A quantized
     `w` goes through `qlinear(..., impl=impl)`."""
@@ -199,67 +200,60 @@ def _write_cache(cache: Array, new: Array, positions: Array) -> Array:
     return jax.vmap(one_row)(cache, new, positions)
 
 
-def xla_attention(
-    q: Array, k: Array, v: Array, q_positions: Array, kv_lengths: Array, *, sm_scale: float,
-    sliding_window: int | None = None,
-) -> Array:
-    """Plain-XLA attention. q (B, T, N, H), k/v (B, K, S, H) -> (B, T, N, H).
-
-    Query t of row b sees slot s iff s <= q_positions[b, t] and s < kv_lengths[b]
-    (and, with a sliding window, s > q_positions[b, t] - window).
-    """
-    b, t, n, h = q.shape
-    kh = k.shape[1]
-    qg = q.reshape(b, t, kh, n // kh, h)
-    scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32) * sm_scale
-    slots = jnp.arange(k.shape[2])[None, None, :]
-    qpos = q_positions[:, :, None]
-    mask = (slots <= qpos) & (slots < kv_lengths[:, None, None])
-    if sliding_window is not None:
-        mask &= slots > qpos - sliding_window
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(mask[:, None, None], probs, 0.0)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, h).astype(q.dtype)
-
-
 def _attention(
-    impl: str, q, k, v, cache_lengths, num_new, positions, config: ModelConfig, sm_scale: float
+    policy: BackendPolicy, q, k, v, cache_lengths, num_new, positions, config: ModelConfig,
+    sm_scale: float,
 ):
+    """The attention `policy` names; a Pallas kernel or cuDNN call that does not compile
+    here falls back to `xla_attention` (see `jaxllama.backend.kernel_compiles`)."""
+    impl = policy.attention
     kv_lengths = cache_lengths + num_new
-    if impl == "xla":
-        return xla_attention(q, k, v, positions, kv_lengths, sm_scale=sm_scale,
-                             sliding_window=config.sliding_window)
-    if config.sliding_window is not None and config.sliding_window < k.shape[2]:
-        from jaxllama.errors import UnsupportedOperation
 
+    def xla():
+        return xla_attention(q, k, v, positions, kv_lengths, sm_scale=sm_scale,
+                             sliding_window=config.sliding_window, finite_values=True)
+
+    if impl == "xla":
+        return xla()
+    if config.sliding_window is not None and config.sliding_window < k.shape[2]:
         raise UnsupportedOperation(
             config.model_type,
             f"attention_impl={impl!r} has no sliding window; use 'xla' for caches longer than "
             f"the window ({config.sliding_window})",
         )
+    shape_class = (f"{q.dtype.name}, {config.num_heads} heads on {config.num_kv_heads} kv "
+                   f"heads of dim {config.head_dim}")
     if impl == "cudnn":
-        return _cudnn_attention(q, k, v, positions, kv_lengths, sm_scale)
-    interpret = impl == "pallas_interpret"
+        args = (q, k, v, positions, kv_lengths)
+        if backend.kernel_compiles("cudnn attention", _cudnn_attention, args, dict(sm_scale=sm_scale),
+                                   shape_class=shape_class, twin="xla_attention"):
+            return _cudnn_attention(*args, sm_scale=sm_scale)
+        return xla()
     if impl not in ("pallas", "pallas_interpret"):
-        raise ValueError(f"attention_impl {impl!r} is not one of xla, pallas, pallas_interpret, cudnn")
+        backend.check("attention", impl, what="attention_impl")  # raises for an unknown name
+    interpret = impl == "pallas_interpret"
     if q.shape[1] == 1:
-        from jaxllama.pallas.decode_attention import decode_attention
+        args, kernel, name = (q[:, 0], k, v, kv_lengths), decode_attention, "decode_attention"
+        twin = "decode_attention_reference"
+    else:
+        args, kernel, name = (q, k, v, cache_lengths, kv_lengths), flash_attention, "flash_attention"
+        twin = "flash_attention_reference"
+    # The real kernels are probed first; the interpreter lowers on every backend.
+    if not interpret and not backend.kernel_compiles(
+        name, kernel, args, dict(sm_scale=sm_scale), shape_class=shape_class, twin=twin
+    ):
+        return xla()
+    out = kernel(*args, sm_scale=sm_scale, interpret=interpret)
+    return out[:, None] if q.shape[1] == 1 else out
 
-        return decode_attention(q[:, 0], k, v, kv_lengths, sm_scale=sm_scale, interpret=interpret)[:, None]
-    from jaxllama.pallas.flash_attention import flash_attention
 
-    return flash_attention(q, k, v, cache_lengths, kv_lengths, sm_scale=sm_scale, interpret=interpret)
-
-
-def _cudnn_attention(q, k, v, positions, kv_lengths, sm_scale):
-    """jax.nn.dot_product_attention as a comparison point (GPU only)."""
-    b, t, n, h = q.shape
+@functools.partial(jax.jit, static_argnames=("sm_scale",))
+def _cudnn_attention(q, k, v, positions, kv_lengths, *, sm_scale):
+    """jax.nn.dot_product_attention as a comparison point (GPU only), with the mask of
+    `attention_mask`."""
     kk = jnp.swapaxes(k, 1, 2)  # (B, S, K, H)
     vv = jnp.swapaxes(v, 1, 2)
-    slots = jnp.arange(k.shape[2])
-    mask = (slots[None, None, :] <= positions[:, :, None]) & (slots[None, None, :] < kv_lengths[:, None, None])
+    mask = attention_mask(positions, kv_lengths, k.shape[2])
     return jax.nn.dot_product_attention(
         q, kk, vv, mask=mask[:, None], scale=sm_scale, implementation="cudnn"
     )
@@ -272,7 +266,7 @@ def forward(
     num_new: Array,
     *,
     config: ModelConfig,
-    attention_impl: str = "xla",
+    attention_impl: Impl = "xla",
     attend_len: int | None = None,
     all_logits: bool = False,
     shard=None,
@@ -283,13 +277,17 @@ def forward(
     the row's new length (masked, then overwritten). `attend_len` (static) bounds the
     cache slots attention reads; the caller guarantees lengths + num_new <= attend_len.
     Returns float32 logits, (B, V) at each row's last real token, or (B, T, V) with
-    `all_logits`, and the cache with lengths advanced by num_new. `shard` (static), a
+    `all_logits`, and the cache with lengths advanced by num_new. `attention_impl`
+    (static) is the adapter's `jaxllama.backend.BackendPolicy`, or an attention name
+    that `jaxllama.backend.choose` turns into one (an impossible name raises
+    InvalidRequestError). `shard` (static), a
     `jaxllama.sharding.ShardingPlan`, pins the new cache to the plan's layout when the
     arrays live on a mesh.
     """
     b, t = tokens.shape
     dtype = params.dtype
-    mm = matmul_impl(attention_impl, shard)
+    policy = backend.as_policy(attention_impl, shard)
+    mm = policy.matmul
     num_new = num_new.astype(jnp.int32)
     start = cache.lengths
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -315,7 +313,7 @@ def forward(
         new_k.append(k_cache)
         new_v.append(v_cache)
         attn = _attention(
-            attention_impl, q, k_cache[:, :, :s_read], v_cache[:, :, :s_read], start, num_new,
+            policy, q, k_cache[:, :, :s_read], v_cache[:, :, :s_read], start, num_new,
             positions, config, sm_scale,
         )
         x = x + linear(attn.reshape(b, t, config.q_dim), layer.wo, impl=mm).astype(jnp.float32)

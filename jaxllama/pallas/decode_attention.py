@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxllama.errors import InvalidRequestError, library_errors
+from jaxllama.pallas.reference import xla_attention
 from jaxllama.pallas.flash_attention import (
     LOG2E,
     MASK_VALUE,
@@ -124,26 +126,27 @@ def _decode_kernel(
 
 def _check_args(q, k, v, kv_lengths) -> None:
     if q.ndim != 3 or k.ndim != 4:
-        raise ValueError(
+        raise InvalidRequestError(
             f"decode_attention: expected q (B, N, H) and k, v (B, K, S, H); got "
             f"q {q.shape}, k {k.shape}"
         )
     b, n, h = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
-        raise ValueError(
+        raise InvalidRequestError(
             f"decode_attention: k {k.shape} and v {v.shape} must both be (B, K, S, H) "
             f"with B={b}, H={h} from q {q.shape}"
         )
     if n % k.shape[1]:
-        raise ValueError(
+        raise InvalidRequestError(
             f"decode_attention: {n} query heads is not a multiple of {k.shape[1]} kv heads"
         )
     if jnp.shape(kv_lengths) != (b,):
-        raise ValueError(
+        raise InvalidRequestError(
             f"decode_attention: kv_lengths has shape {jnp.shape(kv_lengths)}; expected ({b},)"
         )
 
 
+@library_errors
 @functools.partial(
     jax.jit,
     static_argnames=["sm_scale", "block_k", "num_splits", "num_warps", "num_stages", "interpret"],
@@ -232,6 +235,7 @@ def decode_attention(
     return out[:, :, :group].reshape(q.shape).astype(q.dtype)
 
 
+@library_errors
 def decode_attention_reference(
     q: jax.Array,
     k: jax.Array,
@@ -241,24 +245,11 @@ def decode_attention_reference(
     sm_scale: float,
     **unused,
 ) -> jax.Array:
-    """The XLA twin of `decode_attention`: same arguments and masking, float32 math,
-    (B, N, H) in q.dtype. Slots at or past kv_lengths never reach the output, even if
-    they hold NaN; a row with kv_lengths 0 gives zeros."""
+    """The XLA twin of `decode_attention`: the model's own XLA attention
+    (`jaxllama.pallas.reference.xla_attention`) with the query at slot kv_lengths - 1,
+    so the same mask rule; (B, N, H) in q.dtype. Slots at or past kv_lengths never
+    reach the output, even if they hold NaN; a row with kv_lengths 0 gives zeros."""
     del unused
     _check_args(q, k, v, kv_lengths)
-    batch, num_heads, head_dim = q.shape
-    _, num_kv_heads, seq_k, _ = k.shape
-    group = num_heads // num_kv_heads
-
-    qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)
-    logits = jnp.einsum("BKGH,BKSH->BKGS", qg, k.astype(jnp.float32)) * sm_scale
-    key_ok = jnp.arange(seq_k)[None, :] < kv_lengths[:, None]  # (B, S)
-    logits = jnp.where(key_ok[:, None, None, :], logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)  # rows with no valid key: keep exp() NaN-free
-    p = jnp.where(key_ok[:, None, None, :], jnp.exp(logits - m), 0.0)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    vf = jnp.where(key_ok[:, None, :, None], v.astype(jnp.float32), 0.0)
-    o = jnp.einsum("BKGS,BKSH->BKGH", p, vf)
-    o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
-    return o.reshape(q.shape).astype(q.dtype)
+    kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+    return xla_attention(q[:, None], k, v, kv_lengths[:, None] - 1, kv_lengths, sm_scale=sm_scale)[:, 0]

@@ -61,6 +61,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxllama.errors import InvalidRequestError, library_errors
+from jaxllama.pallas.reference import prefill_positions, xla_attention
+
 try:  # The Triton lowering's params; see "Lowering" in the module docstring.
     from jax.experimental.pallas import triton as _pl_triton
 except ImportError:  # pragma: no cover - depends on the installed jax
@@ -121,7 +124,7 @@ def fit_block(block: int, size: int) -> int:
 
 def check_head_dim(head_dim: int, interpret: bool, where: str) -> None:
     if not interpret and head_dim % MIN_BLOCK:
-        raise ValueError(
+        raise InvalidRequestError(
             f"{where}: head dim {head_dim} is not supported on the GPU; expected a "
             f"multiple of {MIN_BLOCK} (Triton matmul tiles), e.g. 64, 96 or 128"
         )
@@ -255,27 +258,28 @@ def _flash_kernel(
 
 def _check_args(q, k, v, q_offset, kv_lengths) -> None:
     if q.ndim != 4 or k.ndim != 4:
-        raise ValueError(
+        raise InvalidRequestError(
             f"flash_attention: expected q (B, T, N, H) and k, v (B, K, S, H); got "
             f"q {q.shape}, k {k.shape}"
         )
     b, _, n, h = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
-        raise ValueError(
+        raise InvalidRequestError(
             f"flash_attention: k {k.shape} and v {v.shape} must both be (B, K, S, H) "
             f"with B={b}, H={h} from q {q.shape}"
         )
     if n % k.shape[1]:
-        raise ValueError(
+        raise InvalidRequestError(
             f"flash_attention: {n} query heads is not a multiple of {k.shape[1]} kv heads"
         )
     for name, x in (("q_offset", q_offset), ("kv_lengths", kv_lengths)):
         if jnp.shape(x) != (b,):
-            raise ValueError(
+            raise InvalidRequestError(
                 f"flash_attention: {name} has shape {jnp.shape(x)}; expected ({b},)"
             )
 
 
+@library_errors
 @functools.partial(
     jax.jit,
     static_argnames=["sm_scale", "block_q", "block_k", "num_warps", "num_stages", "interpret"],
@@ -360,6 +364,7 @@ def flash_attention(
     return out.reshape(q.shape)
 
 
+@library_errors
 def flash_attention_reference(
     q: jax.Array,
     k: jax.Array,
@@ -370,29 +375,12 @@ def flash_attention_reference(
     sm_scale: float,
     **unused_block_args,
 ) -> jax.Array:
-    """The XLA twin of `flash_attention`: same arguments and masking, float32 math,
-    (B, T, N, H) in q.dtype. Slots at or past kv_lengths never reach the output, even
-    if they hold NaN."""
+    """The XLA twin of `flash_attention`: the model's own XLA attention
+    (`jaxllama.pallas.reference.xla_attention`) on the same arguments, so the same mask
+    rule; (B, T, N, H) in q.dtype. Slots at or past kv_lengths never reach the output,
+    even if they hold NaN."""
     del unused_block_args
     _check_args(q, k, v, q_offset, kv_lengths)
-    batch, seq_q, num_heads, head_dim = q.shape
-    _, num_kv_heads, seq_k, _ = k.shape
-    group = num_heads // num_kv_heads
-
-    qg = q.astype(jnp.float32).reshape(batch, seq_q, num_kv_heads, group, head_dim)
-    logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k.astype(jnp.float32)) * sm_scale
-    q_pos = q_offset[:, None] + jnp.arange(seq_q)[None, :]  # (B, T)
-    slots = jnp.arange(seq_k)
-    key_ok = slots[None, :] < kv_lengths[:, None]  # (B, S)
-    valid = key_ok[:, None, :] & (slots[None, None, :] <= q_pos[:, :, None])  # (B, T, S)
-    valid = valid[:, None, None]  # (B, 1, 1, T, S)
-    logits = jnp.where(valid, logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)  # rows with no valid key: keep exp() NaN-free
-    p = jnp.where(valid, jnp.exp(logits - m), 0.0)
-    l = jnp.sum(p, axis=-1)  # (B, K, G, T)
-    vf = jnp.where(key_ok[:, None, :, None], v.astype(jnp.float32), 0.0)
-    o = jnp.einsum("BKGTS,BKSH->BTKGH", p, vf)
-    l = jnp.transpose(l, (0, 3, 1, 2))[..., None]  # (B, T, K, G, 1)
-    o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
-    return o.reshape(q.shape).astype(q.dtype)
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+    positions = prefill_positions(q_offset, q.shape[1])
+    return xla_attention(q, k, v, positions, jnp.asarray(kv_lengths, jnp.int32), sm_scale=sm_scale)

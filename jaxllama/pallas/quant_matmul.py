@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxllama.errors import InvalidRequestError
+from jaxllama.errors import InvalidRequestError, library_errors
 from jaxllama.pallas.flash_attention import MIN_BLOCK, triton_compiler_params
 from jaxllama.quant.formats import BLOCK, QuantizedWeight
 
@@ -143,6 +143,7 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
     return block
 
 
+@library_errors
 @functools.partial(
     jax.jit,
     static_argnames=["block_n", "block_k", "num_splits", "num_warps", "num_stages", "interpret"],
@@ -237,9 +238,18 @@ def quant_matmul(
     return jnp.sum(partials, axis=0)[:m, :n_out]
 
 
+@library_errors
 def quant_matmul_reference(x: jax.Array, w: QuantizedWeight, **unused) -> jax.Array:
     """The XLA twin of `quant_matmul`: w dequantized to x's dtype, then x @ w.T
     accumulated in float32. Takes x (..., in), returns (..., N) float32."""
     del unused
+    if not isinstance(w, QuantizedWeight):
+        raise InvalidRequestError(f"quant_matmul_reference: w is {type(w).__name__}; expected a QuantizedWeight")
+    if not hasattr(x, "shape") or jnp.ndim(x) < 1 or x.shape[-1] != w.shape[1] \
+            or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise InvalidRequestError(
+            f"quant_matmul_reference: x is {getattr(x, 'dtype', type(x).__name__)} of shape "
+            f"{jnp.shape(x) if hasattr(x, 'shape') else '?'}; expected a float array (..., {w.shape[1]})"
+        )
     dense = w.dequantize(x.dtype)
     return jnp.einsum("...i,oi->...o", x, dense, preferred_element_type=jnp.float32)

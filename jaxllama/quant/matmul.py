@@ -20,12 +20,13 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxllama import backend
 from jaxllama.errors import InvalidRequestError
 
 from jaxllama.pallas import quant_matmul as _kernel
 from jaxllama.quant.formats import QuantizedWeight
 
-IMPLS: tuple[str, ...] = ("xla", "pallas", "pallas_interpret")
+IMPLS: tuple[str, ...] = backend.MATMUL_IMPLS
 # The kernel holds all of x's rows in one tile (no grid axis over M): an (Mp, 32)
 # float32 accumulator and an (Mp, bk) x tile per program; at Mp = 32 its int4 / bf16
 # variant already takes 210 registers a thread (ptxas, sm_90a, no spills). More rows
@@ -42,8 +43,10 @@ def qlinear(x: jax.Array, w: QuantizedWeight | jax.Array, *, impl: str = "xla") 
     Args:
       x: (..., in) bfloat16, float16 or float32.
       w: a QuantizedWeight of logical shape (out, in), or a dense (out, in) array.
-      impl: "xla", "pallas" (needs a GPU backend) or "pallas_interpret"; which path
-        runs for which shapes is in the module docstring.
+      impl: "xla", "pallas" (needs a GPU backend) or "pallas_interpret"
+        (`jaxllama.backend.check` says what is possible here); which path runs for
+        which shapes is in the module docstring. A "pallas" kernel that does not
+        compile on this device runs as its XLA twin, with one KernelFallbackWarning.
 
     Returns:
       (..., out) float32; the caller casts. Equal, up to the order of the float32
@@ -53,14 +56,14 @@ def qlinear(x: jax.Array, w: QuantizedWeight | jax.Array, *, impl: str = "xla") 
       InvalidRequestError: unknown impl, "pallas" without a GPU, or an x whose last
         dim is not w's in dim.
     """
-    if impl not in IMPLS:
+    impl = backend.check("matmul", impl, what="qlinear: impl")
+    if not isinstance(w, QuantizedWeight) and not (hasattr(w, "shape") and len(w.shape) == 2):
         raise InvalidRequestError(
-            f"qlinear: impl {impl!r} is not supported; expected one of {IMPLS}"
+            f"qlinear: w is {type(w).__name__}; expected a QuantizedWeight or a dense (out, in) array"
         )
-    if impl == "pallas" and jax.default_backend() != "gpu":
+    if not hasattr(x, "shape") or not jnp.issubdtype(x.dtype, jnp.floating):
         raise InvalidRequestError(
-            f"qlinear: impl 'pallas' needs a GPU; the backend is {jax.default_backend()!r} "
-            "(use 'pallas_interpret' or 'xla' there)"
+            f"qlinear: x is {getattr(x, 'dtype', type(x).__name__)}; expected a float array (..., in)"
         )
     out, in_ = w.shape
     if jnp.ndim(x) < 1 or x.shape[-1] != in_:
@@ -73,5 +76,11 @@ def qlinear(x: jax.Array, w: QuantizedWeight | jax.Array, *, impl: str = "xla") 
     rows = math.prod(x.shape[:-1])
     if impl == "xla" or not 1 <= rows <= PALLAS_MAX_ROWS:
         return _kernel.quant_matmul_reference(x, w)
-    y = _kernel.quant_matmul(x.reshape(rows, in_), w, interpret=impl == "pallas_interpret")
+    x2 = x.reshape(rows, in_)
+    if impl == "pallas" and not backend.kernel_compiles(
+        "quant_matmul", _kernel.quant_matmul, (x2, w), {},
+        shape_class=f"{w.kind} weights, {x.dtype.name} x", twin="quant_matmul_reference",
+    ):
+        return _kernel.quant_matmul_reference(x, w)
+    y = _kernel.quant_matmul(x2, w, interpret=impl == "pallas_interpret")
     return y.reshape(*x.shape[:-1], out)
