@@ -32,13 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllama import backend
 from jaxllama.engine.paged_cache import NO_PAGE, PagedKVCache
 from jaxllama.engine.spec import EngineSpec, EngineState, SlotRequest
 from jaxllama.models.transformer import (
     Params,
     apply_rope,
     linear,
-    matmul_impl,
     rms_norm,
     rope_tables,
 )
@@ -88,7 +88,7 @@ def paged_forward(params: Params, tokens: Array, cache: PagedKVCache, block_tabl
     config = spec.config
     b, t = tokens.shape
     dtype = params.dtype
-    mm = matmul_impl(spec.attention_impl)
+    mm = backend.as_policy(spec.attention_impl).matmul  # the one backend policy
     start = start.astype(jnp.int32)
     num_new = num_new.astype(jnp.int32)
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
