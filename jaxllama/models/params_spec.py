@@ -151,8 +151,8 @@ def field_mode(field: str, mode: str, exact_int4: bool) -> str:
 
     Under "int4" the vocabulary tables (embedding, output projection) stay int8 unless
     the file already holds them in a 4-bit type (`exact_int4`, kept exactly): as in
-    llama.cpp's own 4-bit mixes, where they are Q6_K/Q8_0. Requantized to int4, SmolLM2's
-    tied table gave top-1 agreement with float32 0.79, against 1.00 kept at int8."""
+    llama.cpp's own 4-bit mixes, where they are Q6_K/Q8_0 (the agreement measured for
+    each choice is in benchmarks/RESULTS.md, "Agreement of quantized weights")."""
     if mode == "int4" and FIELDS[field].table and not exact_int4:
         return "int8"
     return mode

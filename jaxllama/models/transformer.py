@@ -18,9 +18,8 @@ against) or the kernel the policy names; a kernel that does not compile on this 
 falls back to it. Norms and biases stay dense; their dtype is
 the compute dtype (`Params.dtype`). The KV cache is (B, K, S, H) per
 layer, so one kv head's keys are contiguous for the decode kernel. Layers are a tuple,
-unrolled in Python: scanning over stacked layer weights copied each slice on GPU
-(../shared/GPU.md measured 2.4x at Phi-3 shape), and on this project's 2-core CPU a
-`lax.scan` layout compiled faster but decoded SmolLM2 2.4x slower (benchmarks/RESULTS.md).
+unrolled in Python, so no step copies a slice of stacked layer weights (a `lax.scan`
+layout decoded slower on both a GPU and the CPU: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
