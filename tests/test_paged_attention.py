@@ -522,6 +522,15 @@ def test_bad_arguments_raise_the_library_error():
     for call in calls:
         with pytest.raises(InvalidRequestError, match="expected"):
             call()
+    # Not arrays at all: the wrapped TypeError/AttributeError, named by the function.
+    for call in (
+        lambda: paged_attention_reference("q", pages, pages, table, lengths, sm_scale=1.0),
+        lambda: paged_attention(q, None, pages, table, lengths, sm_scale=1.0, interpret=True),
+        lambda: write_pages(pool, [1, 2], table1, zeros, zeros),
+        lambda: gather(pool, "table"),
+    ):
+        with pytest.raises(InvalidRequestError, match="bad arguments"):
+            call()
 
 
 def _softmax_block(zero_masked: bool):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxllama.errors import InvalidRequestError
+from jaxllama.errors import InvalidRequestError, library_errors
 from jaxllama.models.config import ModelConfig
 from jaxllama.pallas.paged_attention import gather_pages
 
@@ -95,6 +95,7 @@ def page_rows(block_table: Array, start: Array, num_new: Array, seq_new: int,
     return jnp.where(ok, page * page_size + jnp.remainder(pos, page_size), num_pages * page_size)
 
 
+@library_errors
 def write_pages(pages: Array, new: Array, block_table: Array, start: Array,
                 num_new: Array) -> Array:
     """Write a chunk of new keys (or values) into one layer's pool.
@@ -134,6 +135,7 @@ def write_pages(pages: Array, new: Array, block_table: Array, start: Array,
     return flat.reshape(pages.shape)
 
 
+@library_errors
 def gather(pages: Array, block_table: Array) -> Array:
     """Slot-major dense view (B, K, M * L, H) of a (K, P, L, H) pool through the block
     table (entries clamped into [0, P); positions past a slot's length hold whatever

@@ -77,7 +77,7 @@ from jaxllama.pallas.flash_attention import (
     online_softmax_update,
     triton_compiler_params,
 )
-from jaxllama.errors import InvalidRequestError
+from jaxllama.errors import InvalidRequestError, library_errors
 
 # 64 keys per tile for 2-byte inputs: a K and a V tile are 16 KiB each at H = 128, as
 # in `decode_attention`; with 16- or 64-token pages a tile is then one contiguous slice
@@ -233,6 +233,7 @@ def _queries(q, lengths, q_offset):
     return q4, q_offset.astype(jnp.int32)
 
 
+@library_errors
 @functools.partial(
     jax.jit,
     static_argnames=[
@@ -369,6 +370,7 @@ def _gather_head_major(pages: jax.Array, block_table: jax.Array) -> jax.Array:
     return flat[:, rows.reshape(batch, max_pages * page_size)]
 
 
+@library_errors
 def gather_pages(pages: jax.Array, block_table: jax.Array) -> jax.Array:
     """A slot-major dense view of a (K, P, L, H) pool: (B, K, M * L, H), slot b's
     position s at [b, :, s]. Table entries are clamped into [0, P); positions past a
@@ -376,6 +378,7 @@ def gather_pages(pages: jax.Array, block_table: jax.Array) -> jax.Array:
     return jnp.swapaxes(_gather_head_major(pages, block_table), 0, 1)
 
 
+@library_errors
 def paged_attention_reference(
     q: jax.Array,
     k_pages: jax.Array,
