@@ -206,67 +206,30 @@ def _format(row: Row) -> str:
 
 def triton_check() -> int:
     """Compile the default configurations for sm_90a via Triton; 0 if all fit."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from jax._src.pallas.triton import pallas_call_registration as registration
-    from triton.backends.compiler import GPUTarget
-
+    from benchmarks.triton_check import sm90_compiler, triton_version
     from jaxllama.pallas import decode_attention as dec
     from jaxllama.pallas import flash_attention as fa
 
-    captured = []
-    lower = registration.lowering.lower_jaxpr_to_triton_module
-
-    def capture(*a, **kw):
-        result = lower(*a, **kw)
-        captured.append(result.module.operation.get_asm(enable_debug_info=False))
-        return result
-
-    registration.lowering.lower_jaxpr_to_triton_module = capture
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
-    max_shared = 227 * 1024  # H100, per block
-    print(f"triton {triton.__version__}, target sm_90a")
+    print(f"triton {triton_version()}, target sm_90a")
     failures = 0
     b, t, s, n, kh = 2, 100, 300, 14, 2
-    for dtype in (jnp.bfloat16, jnp.float32):
-        for head_dim in (64, 96, 128):
-            kv = jax.ShapeDtypeStruct((b, kh, s, head_dim), dtype)
-            lens = jax.ShapeDtypeStruct((b,), jnp.int32)
-            cases = [
-                ("flash", fa.flash_attention, fa.NUM_WARPS, fa.NUM_STAGES,
-                 (jax.ShapeDtypeStruct((b, t, n, head_dim), dtype), kv, kv, lens, lens)),
-                ("decode", dec.decode_attention, dec.NUM_WARPS, dec.NUM_STAGES,
-                 (jax.ShapeDtypeStruct((b, n, head_dim), dtype), kv, kv, lens)),
-            ]
-            for name, fn, warps, stages, shapes in cases:
-                captured.clear()
-                jax.jit(functools.partial(fn, sm_scale=0.1)).trace(*shapes).lower(
-                    lowering_platforms=("cuda",))
-                with tempfile.TemporaryDirectory() as tmp:
-                    ttir = os.path.join(tmp, f"{name}.ttir")
-                    with open(ttir, "w") as f:
-                        f.write(captured[0])
-                    kernel = triton.compile(ttir, target=GPUTarget("cuda", 90, 32),
-                                            options=dict(num_warps=warps, num_stages=stages))
-                    ptx = os.path.join(tmp, f"{name}.ptx")
-                    with open(ptx, "w") as f:
-                        f.write(kernel.asm["ptx"])
-                    report = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
-                                            capture_output=True, text=True).stderr
-                regs = re.search(r"Used (\d+) registers", report)
-                spills = re.search(r"(\d+) bytes spill stores", report)
-                shared = kernel.metadata.shared
-                ok = shared <= max_shared and spills is not None and spills.group(1) == "0"
-                failures += not ok
-                status = "ok  " if ok else "FAIL"
-                print(f"{status} {name:6} {jnp.dtype(dtype).name:8} H={head_dim:3} "
-                      f"shared {shared:6} B, {regs and regs.group(1)} registers, "
-                      f"{spills and spills.group(1)} bytes spilled")
-    registration.lowering.lower_jaxpr_to_triton_module = lower
+    with sm90_compiler() as compile_kernel:
+        for dtype in (jnp.bfloat16, jnp.float32):
+            for head_dim in (64, 96, 128):
+                kv = jax.ShapeDtypeStruct((b, kh, s, head_dim), dtype)
+                lens = jax.ShapeDtypeStruct((b,), jnp.int32)
+                cases = [
+                    ("flash", fa.flash_attention, fa.NUM_WARPS, fa.NUM_STAGES,
+                     (jax.ShapeDtypeStruct((b, t, n, head_dim), dtype), kv, kv, lens, lens)),
+                    ("decode", dec.decode_attention, dec.NUM_WARPS, dec.NUM_STAGES,
+                     (jax.ShapeDtypeStruct((b, n, head_dim), dtype), kv, kv, lens)),
+                ]
+                for name, fn, warps, stages, shapes in cases:
+                    report = compile_kernel(fn, shapes, warps, stages)
+                    failures += not report.ok
+                    status = "ok  " if report.ok else "FAIL"
+                    print(f"{status} {name:6} {jnp.dtype(dtype).name:8} H={head_dim:3} "
+                          f"{report.describe()}")
     return 1 if failures else 0
 
 

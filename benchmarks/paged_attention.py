@@ -32,12 +32,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -119,25 +115,12 @@ def bench(args) -> None:
 
 def triton_check() -> int:
     """Compile the default configurations for sm_90a via Triton; 0 if all fit."""
-    import triton
-    from jax._src.pallas.triton import pallas_call_registration as registration
-    from triton.backends.compiler import GPUTarget
+    from benchmarks.triton_check import sm90_compiler, triton_version
 
-    captured = []
-    lower = registration.lowering.lower_jaxpr_to_triton_module
-
-    def capture(*a, **kw):
-        result = lower(*a, **kw)
-        captured.append(result.module.operation.get_asm(enable_debug_info=False))
-        return result
-
-    registration.lowering.lower_jaxpr_to_triton_module = capture
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
-    max_shared = 227 * 1024  # H100/H200, per block
-    print(f"triton {triton.__version__}, jax {jax.__version__}, target sm_90a")
+    print(f"triton {triton_version()}, jax {jax.__version__}, target sm_90a")
     failures = 0
     b, n, kh, pages, width = 16, 14, 2, 64, 16
-    try:
+    with sm90_compiler() as compile_kernel:
         for dtype in (jnp.bfloat16, jnp.float32):
             for head_dim in (64, 96, 128):
                 for page_size in (16, 12):
@@ -147,33 +130,12 @@ def triton_check() -> int:
                         shapes = (jax.ShapeDtypeStruct(q_shape, dtype), pool, pool,
                                   jax.ShapeDtypeStruct((b, width), jnp.int32),
                                   jax.ShapeDtypeStruct((b,), jnp.int32))
-                        captured.clear()
-                        jax.jit(functools.partial(pa.paged_attention, sm_scale=0.1)).trace(
-                            *shapes).lower(lowering_platforms=("cuda",))
-                        with tempfile.TemporaryDirectory() as tmp:
-                            ttir = os.path.join(tmp, "paged.ttir")
-                            with open(ttir, "w") as f:
-                                f.write(captured[0])
-                            kernel = triton.compile(
-                                ttir, target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=pa.NUM_WARPS, num_stages=pa.NUM_STAGES))
-                            ptx = os.path.join(tmp, "paged.ptx")
-                            with open(ptx, "w") as f:
-                                f.write(kernel.asm["ptx"])
-                            report = subprocess.run(
-                                [ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
-                                capture_output=True, text=True).stderr
-                        regs = re.search(r"Used (\d+) registers", report)
-                        spills = re.search(r"(\d+) bytes spill stores", report)
-                        shared = kernel.metadata.shared
-                        ok = shared <= max_shared and spills is not None and spills.group(1) == "0"
-                        failures += not ok
-                        print(f"{'ok  ' if ok else 'FAIL'} {jnp.dtype(dtype).name:8} "
-                              f"H={head_dim:3} L={page_size:2} T={seq_q} shared {shared:6} B, "
-                              f"{regs and regs.group(1)} registers, "
-                              f"{spills and spills.group(1)} bytes spilled", flush=True)
-    finally:
-        registration.lowering.lower_jaxpr_to_triton_module = lower
+                        report = compile_kernel(pa.paged_attention, shapes, pa.NUM_WARPS,
+                                                pa.NUM_STAGES)
+                        failures += not report.ok
+                        print(f"{'ok  ' if report.ok else 'FAIL'} {jnp.dtype(dtype).name:8} "
+                              f"H={head_dim:3} L={page_size:2} T={seq_q} {report.describe()}",
+                              flush=True)
     return 1 if failures else 0
 
 

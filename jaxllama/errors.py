@@ -70,6 +70,20 @@ class InvalidRequestError(AdapterError, ValueError):
     """A call whose arguments are out of range or disagree with its config or state."""
 
 
+class EngineSpecError(JaxLlamaError, ValueError):
+    """An engine description (`jaxllama.engine.spec.EngineSpec`) whose sizes or switches
+    cannot work together, or a call that disagrees with it."""
+
+
+class PagePoolExhausted(JaxLlamaError, RuntimeError):
+    """More KV-cache pages asked for than are free or evictable
+    (`jaxllama.engine.pages.PageAllocator`)."""
+
+
+class PageAllocatorError(JaxLlamaError, ValueError):
+    """A KV-cache page freed, shared or registered against the allocator's state."""
+
+
 class KernelFallbackWarning(RuntimeWarning):
     """A Pallas kernel that does not compile for this device and JAX version: its XLA
     twin runs instead (see `jaxllama.backend`). A warning, not an error: results stay

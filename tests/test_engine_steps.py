@@ -22,7 +22,8 @@ from hf_to_gguf import tiny_hf_model, write_gguf
 from jaxllama.engine import steps
 from jaxllama.engine.pages import PageAllocator, prefix_keys
 from jaxllama.engine.spec import EngineSpec, EngineSpecError, EngineState, SlotRequest
-from jaxllama.errors import UnsupportedOperation
+from jaxllama import backend
+from jaxllama.errors import InvalidRequestError, UnsupportedOperation
 from jaxllama.models import AdapterForwardConfig, LlamaInferenceAdapter, load_gguf
 
 STEPS = (steps.prefill_chunk, steps.insert, steps.decode, steps.release, steps.set_pages)
@@ -295,3 +296,98 @@ def test_shared_prefix_pages(adapter):
             outs[slot] += tokens[valid[:, slot], slot].tolist()
     assert outs == refs
     assert alloc.refcount(tables[0][0][0]) == 2
+
+
+def test_spec_refuses_a_kernel_that_cannot_run_here(adapter, monkeypatch):
+    """attention_impl goes through the one backend policy at construction: a compiled
+    Pallas kernel on a CPU is refused there, naming what is possible, instead of failing
+    inside the first prefill_chunk."""
+    monkeypatch.setattr(backend, "platform", lambda: "cpu")
+    with pytest.raises(EngineSpecError, match=r"'pallas' needs a GPU.*possible here.*"
+                                              r"'xla', 'pallas_interpret'"):
+        _spec(adapter, attention_impl="pallas")
+    assert _spec(adapter, attention_impl="pallas_interpret").attention_impl == "pallas_interpret"
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")
+    assert _spec(adapter, attention_impl="pallas").attention_impl == "pallas"
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("temperature", float("nan"), "a finite number >= 0"),
+    ("temperature", float("inf"), "a finite number >= 0"),
+    ("temperature", -0.5, "a finite number >= 0"),
+    ("top_p", 0.0, r"a number in \(0, 1\]"),
+    ("top_p", 1.5, r"a number in \(0, 1\]"),
+    ("top_k", -1, "an integer >= 0"),
+    ("top_k", 2.5, "an integer >= 0"),
+    ("min_p", 1.0, r"a number in \[0, 1\)"),
+    ("min_p", -0.1, r"a number in \[0, 1\)"),
+    ("seed", 1.5, r"an integer in \[0, 2\*\*32\)"),
+    ("seed", -1, r"an integer in \[0, 2\*\*32\)"),
+    ("seed", 2**32, r"an integer in \[0, 2\*\*32\)"),
+])
+def test_slot_request_refuses_bad_settings(adapter, field, value, expected):
+    """The adapter's sampling rules (AdapterForwardConfig.validate), not silent NaN
+    logits, silent greedy or a truncated seed."""
+    spec = _spec(adapter)
+    with pytest.raises(InvalidRequestError, match=rf"SlotRequest\.{field} is .*expected {expected}"):
+        SlotRequest.create(spec, max_tokens=4, **{field: value})
+    with pytest.raises(InvalidRequestError):  # the adapter refuses the same value
+        AdapterForwardConfig(**{field: value}).validate()
+
+
+def test_slot_request_refuses_bad_stop_ids(adapter):
+    spec = _spec(adapter)
+    for stops in ((-1,), (1.5,), ("2",)):
+        with pytest.raises(InvalidRequestError, match="stop_ids"):
+            SlotRequest.create(spec, max_tokens=4, stop_ids=stops)
+
+
+def test_check_fits_refuses_a_request_that_can_never_run(adapter):
+    """prompt + max_tokens must fit a slot (M * L), the pool (P * L) and the context;
+    one token less than each limit is admitted."""
+    ctx = adapter.config.context_length
+    spec = _spec(adapter)  # a slot holds 10 * 4 = 40 tokens, the pool 160
+    assert spec.max_tokens_per_slot == 40 and ctx > 40
+    spec.check_fits(30, 10)
+    SlotRequest.create(spec, max_tokens=10, prompt_len=30)
+    with pytest.raises(InvalidRequestError, match=r"= 41 tokens, but a slot holds .* 40"):
+        spec.check_fits(30, 11)
+    with pytest.raises(InvalidRequestError, match="a slot holds"):
+        SlotRequest.create(spec, max_tokens=11, prompt_len=30)
+    small_pool = _spec(adapter, num_pages=8)  # 32 tokens of pages in all
+    small_pool.check_fits(30, 2)
+    with pytest.raises(InvalidRequestError, match="the whole page pool holds .* 32"):
+        small_pool.check_fits(30, 3)
+    wide = _spec(adapter, max_pages_per_slot=ctx, num_pages=ctx)
+    wide.check_fits(ctx - 1, 1)
+    with pytest.raises(InvalidRequestError, match=f"context length is {ctx}"):
+        wide.check_fits(ctx - 1, 2)
+    for bad in ((0, 4), (4, 0), (2.5, 4), (True, 4)):
+        with pytest.raises(InvalidRequestError, match="expected an integer >= 1"):
+            spec.check_fits(*bad)
+
+
+def test_prefill_chunk_refuses_a_length_outside_the_buckets(adapter):
+    """Each chunk length compiles its own program: only spec.prefill_buckets are taken,
+    refused at trace time (before anything compiles)."""
+    spec = _spec(adapter)
+    state = EngineState.create(spec, adapter.model.params.dtype)
+    i32 = np.int32
+    for length in (5, 16, 1):
+        with pytest.raises(EngineSpecError, match=r"one of EngineSpec.prefill_buckets \(4, 8\)"):
+            steps.prefill_chunk(adapter.model.params, state, i32(0),
+                                np.zeros((length,), np.int32), i32(0), i32(1), spec)
+    with pytest.raises(EngineSpecError, match="prefill_buckets"):
+        steps.prefill_chunk(adapter.model.params, state, i32(0), np.zeros((1, 4), np.int32),
+                            i32(0), i32(1), spec)
+
+
+def test_engine_errors_live_in_jaxllama_errors():
+    from jaxllama import errors
+    from jaxllama.engine import pages, spec
+
+    assert spec.EngineSpecError is errors.EngineSpecError
+    assert pages.PagePoolExhausted is errors.PagePoolExhausted
+    assert pages.PageAllocatorError is errors.PageAllocatorError
+    for cls in (errors.EngineSpecError, errors.PagePoolExhausted, errors.PageAllocatorError):
+        assert issubclass(cls, errors.JaxLlamaError)

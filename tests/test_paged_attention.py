@@ -36,9 +36,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from jaxllama.engine.paged_cache import NO_PAGE, PagedKVCache, gather, write_pages
+from jaxllama.errors import InvalidRequestError
 from jaxllama.models.config import ModelConfig
 from jaxllama.models.transformer import xla_attention
 from jaxllama.pallas.decode_attention import decode_attention_reference
+from jaxllama.pallas.flash_attention import MASK_VALUE, online_softmax_update
 from jaxllama.pallas.paged_attention import paged_attention, paged_attention_reference
 
 # Interpret-mode tiles: 16, the smallest the GPU lowering takes, so the key loop and
@@ -490,3 +492,73 @@ def test_prefix_shared_pages_end_to_end():
                 q, cache.k[layer], cache.v[layer], jnp.asarray(tables[name]),
                 jnp.array([lengths[name]]), sm_scale=hd**-0.5)
             _assert_close(f"request {name}, layer {layer}", paged, dense, jnp.float32)
+
+
+def test_bad_arguments_raise_the_library_error():
+    """Every refusal of the paged attention and the write path is an InvalidRequestError
+    (a JaxLlamaError, still a ValueError), saying what was expected."""
+    q = jnp.zeros((2, 4, 64))
+    pages = jnp.zeros((2, 3, 8, 64))
+    table, lengths = jnp.zeros((2, 2), jnp.int32), jnp.zeros((2,), jnp.int32)
+    calls = [
+        lambda: paged_attention_reference(q, pages, pages, table[:1], lengths, sm_scale=1.0),
+        lambda: paged_attention_reference(q[:, :3], pages, pages, table, lengths, sm_scale=1.0),
+        lambda: paged_attention_reference(q, pages, pages, table, lengths[:1], sm_scale=1.0),
+        lambda: paged_attention_reference(q, pages, pages, table.astype(jnp.float32), lengths,
+                                          sm_scale=1.0),
+        lambda: paged_attention_reference(q[0], pages, pages, table, lengths, sm_scale=1.0),
+        lambda: paged_attention(q, pages, pages[..., :32], table, lengths, sm_scale=1.0,
+                                interpret=True),
+    ]
+    pool = jnp.zeros((2, 4, 3, 8))
+    table1, zeros = jnp.zeros((1, 2), jnp.int32), jnp.zeros((1,), jnp.int32)
+    calls += [
+        lambda: write_pages(pool, jnp.zeros((1, 2, 3, 8)), table1, zeros, zeros),
+        lambda: write_pages(pool, jnp.zeros((1, 2, 2, 8)), table1[0], zeros, zeros),
+        lambda: write_pages(pool, jnp.zeros((1, 2, 2, 8)), table1, zeros, jnp.zeros((2,))),
+        lambda: PagedKVCache.create(TINY, 0, 16),
+        lambda: PagedKVCache.create(TINY, 4, 0),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidRequestError, match="expected"):
+            call()
+    # Not arrays at all: the wrapped TypeError/AttributeError, named by the function.
+    for call in (
+        lambda: paged_attention_reference("q", pages, pages, table, lengths, sm_scale=1.0),
+        lambda: paged_attention(q, None, pages, table, lengths, sm_scale=1.0, interpret=True),
+        lambda: write_pages(pool, [1, 2], table1, zeros, zeros),
+        lambda: gather(pool, "table"),
+    ):
+        with pytest.raises(InvalidRequestError, match="bad arguments"):
+            call()
+
+
+def _softmax_block(zero_masked: bool):
+    """One fully masked key block for row 0 (row 1 sees key 0), from the empty carry."""
+    rows, block_k, width = 2, 16, 16
+    rng = np.random.default_rng(0)
+    qs = [jnp.asarray(rng.normal(size=(rows, width)), jnp.float32)]
+    ks = [jnp.asarray(rng.normal(size=(block_k, width)), jnp.float32)]
+    vs = [jnp.asarray(rng.normal(size=(block_k, width)), jnp.float32)]
+    carry = ((jnp.zeros((rows, width), jnp.float32),), jnp.full((rows,), MASK_VALUE),
+             jnp.zeros((rows,), jnp.float32))
+    key_ok = jnp.arange(block_k) < 1
+    valid = jnp.stack([jnp.zeros((block_k,), bool), key_ok])
+    (acc,), m, l = online_softmax_update(carry, qs, ks, vs, 0.5, valid, key_ok,
+                                         zero_masked=zero_masked)
+    return np.asarray(acc), np.asarray(m), np.asarray(l), np.asarray(vs[0])
+
+
+def test_shared_softmax_update_zero_masked_keeps_a_blind_rows_carry():
+    """The flag the paged kernel passes to flash_attention's online softmax: a row that
+    sees no key of the block keeps its empty carry (l = 0, acc = 0); the default, which
+    flash_attention relies on, is unchanged: such a row weighs its masked keys 1 each."""
+    acc, m, l, v = _softmax_block(zero_masked=True)
+    assert l[0] == 0.0 and not acc[0].any() and m[0] == MASK_VALUE
+    # Row 1 sees key 0 alone: weight exp2(0) = 1 on V row 0.
+    np.testing.assert_allclose(l[1], 1.0)
+    np.testing.assert_allclose(acc[1], v[0], rtol=1e-6)
+    acc_d, _, l_d, _ = _softmax_block(zero_masked=False)
+    assert l_d[0] == 16.0  # all 16 masked keys weigh exp2(0) = 1 in the sum
+    np.testing.assert_allclose(acc_d[0], v[0], rtol=1e-6)  # key_ok zeroes V rows 1..
+    np.testing.assert_array_equal(acc_d[1], acc[1])

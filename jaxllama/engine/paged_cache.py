@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxllama.errors import InvalidRequestError, library_errors
 from jaxllama.models.config import ModelConfig
 from jaxllama.pallas.paged_attention import gather_pages
 
@@ -47,7 +48,7 @@ class PagedKVCache:
                dtype=jnp.float32) -> "PagedKVCache":
         """Zeroed pools of `num_pages` pages of `page_size` tokens for every layer."""
         if num_pages < 1 or page_size < 1:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"PagedKVCache: num_pages={num_pages} and page_size={page_size}; "
                 f"expected both >= 1"
             )
@@ -94,6 +95,7 @@ def page_rows(block_table: Array, start: Array, num_new: Array, seq_new: int,
     return jnp.where(ok, page * page_size + jnp.remainder(pos, page_size), num_pages * page_size)
 
 
+@library_errors
 def write_pages(pages: Array, new: Array, block_table: Array, start: Array,
                 num_new: Array) -> Array:
     """Write a chunk of new keys (or values) into one layer's pool.
@@ -115,17 +117,17 @@ def write_pages(pages: Array, new: Array, block_table: Array, start: Array,
     num_kv_heads, num_pages, page_size, head_dim = pages.shape
     batch, seq_new = new.shape[:2]
     if new.shape[2:] != (num_kv_heads, head_dim):
-        raise ValueError(
+        raise InvalidRequestError(
             f"write_pages: new has shape {new.shape}; expected (B, T, {num_kv_heads}, "
             f"{head_dim}) for pages {pages.shape}"
         )
     if jnp.shape(block_table)[:1] != (batch,) or jnp.ndim(block_table) != 2:
-        raise ValueError(
+        raise InvalidRequestError(
             f"write_pages: block_table has shape {jnp.shape(block_table)}; expected ({batch}, M)"
         )
     for name, x in (("start", start), ("num_new", num_new)):
         if jnp.shape(x) != (batch,):
-            raise ValueError(f"write_pages: {name} has shape {jnp.shape(x)}; expected ({batch},)")
+            raise InvalidRequestError(f"write_pages: {name} has shape {jnp.shape(x)}; expected ({batch},)")
     rows = page_rows(block_table, start, num_new, seq_new, page_size, num_pages).reshape(-1)
     flat = pages.reshape(num_kv_heads, num_pages * page_size, head_dim)
     values = jnp.swapaxes(new.reshape(batch * seq_new, num_kv_heads, head_dim), 0, 1)
@@ -133,6 +135,7 @@ def write_pages(pages: Array, new: Array, block_table: Array, start: Array,
     return flat.reshape(pages.shape)
 
 
+@library_errors
 def gather(pages: Array, block_table: Array) -> Array:
     """Slot-major dense view (B, K, M * L, H) of a (K, P, L, H) pool through the block
     table (entries clamped into [0, P); positions past a slot's length hold whatever

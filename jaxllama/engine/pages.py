@@ -27,17 +27,10 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from jaxllama.errors import JaxLlamaError
+# Defined in jaxllama.errors with the library's other errors; importable from here.
+from jaxllama.errors import PageAllocatorError, PagePoolExhausted
 
 PageKey = bytes
-
-
-class PagePoolExhausted(JaxLlamaError, RuntimeError):
-    """More pages asked for than are free or evictable."""
-
-
-class PageAllocatorError(JaxLlamaError, ValueError):
-    """A page freed, shared or registered against the allocator's state."""
 
 
 def page_key(parent: PageKey | None, tokens: Sequence[int]) -> PageKey:

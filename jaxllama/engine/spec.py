@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxllama import backend
 from jaxllama.engine.paged_cache import NO_PAGE, PagedKVCache
-from jaxllama.errors import JaxLlamaError, UnsupportedOperation
+# EngineSpecError is defined in jaxllama.errors with the library's other errors.
+from jaxllama.errors import EngineSpecError, InvalidRequestError, UnsupportedOperation
 from jaxllama.models.config import ModelConfig
 
 Array = jax.Array
@@ -27,10 +29,6 @@ Array = jax.Array
 ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret")
 # Marks an unused entry of a slot's stop ids (no token id is negative).
 NO_STOP = -1
-
-
-class EngineSpecError(JaxLlamaError, ValueError):
-    """An engine description whose sizes or switches cannot work together."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +77,12 @@ class EngineSpec:
             bad("prefill_buckets", buckets, "a non-empty tuple of ascending integers >= 1")
         if self.attention_impl not in ATTENTION_IMPLS:
             bad("attention_impl", self.attention_impl, f"one of {', '.join(ATTENTION_IMPLS)}")
+        try:
+            # The one backend policy: a compiled Pallas kernel needs a GPU. Refused here,
+            # not at the first prefill_chunk (whose error would not say what can run).
+            backend.check("attention", self.attention_impl, what="EngineSpec.attention_impl")
+        except InvalidRequestError as exc:
+            raise EngineSpecError(str(exc)) from None
         config = self.config
         if not isinstance(config, ModelConfig):
             bad("config", type(config).__name__, "a ModelConfig")
@@ -110,6 +114,35 @@ class EngineSpec:
     def max_tokens_per_slot(self) -> int:
         return self.max_pages_per_slot * self.page_size
 
+    def check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        """Refuse a request that can never run in this engine: its prompt plus
+        max_tokens must fit in one slot (max_pages_per_slot * page_size tokens), in the
+        whole page pool (num_pages * page_size), and in the model's context. A slot
+        whose next position has no page waits for the host to grow it, so a request
+        admitted past these limits would idle its slot for ever; the scheduler calls
+        this before admitting one.
+
+        Raises:
+          InvalidRequestError: naming the sizes and the limit exceeded.
+        """
+        for name, value in (("prompt_len", prompt_len), ("max_tokens", max_tokens)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise InvalidRequestError(f"{name} is {value!r}; expected an integer >= 1")
+        total = int(prompt_len) + int(max_tokens)
+        limits = (
+            (self.max_tokens_per_slot, "a slot holds (EngineSpec.max_pages_per_slot * page_size "
+             f"= {self.max_pages_per_slot} * {self.page_size})"),
+            (self.num_pages * self.page_size, "the whole page pool holds (EngineSpec.num_pages "
+             f"* page_size = {self.num_pages} * {self.page_size})"),
+            (self.config.context_length, "the model's context length is"),
+        )
+        for limit, what in limits:
+            if total > limit:
+                raise InvalidRequestError(
+                    f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} "
+                    f"tokens, but {what} {limit} tokens; expected at most {limit}"
+                )
+
     def bucket(self, num_tokens: int) -> int:
         """The chunk length a chunk of `num_tokens` real tokens is padded to."""
         if not 1 <= num_tokens <= self.chunk_size:
@@ -140,7 +173,28 @@ class SlotRequest:
     @classmethod
     def create(cls, spec: EngineSpec, *, max_tokens: int, stop_ids=(),
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               min_p: float = 0.0, seed: int = 0) -> "SlotRequest":
+               min_p: float = 0.0, seed: int = 0,
+               prompt_len: int | None = None) -> "SlotRequest":
+        """A request's settings as arrays, checked first.
+
+        The sampling settings follow the adapter's rules (`AdapterForwardConfig.validate`
+        checks them, so the two cannot drift): temperature finite and >= 0, top_k an
+        integer >= 0, top_p in (0, 1], min_p in [0, 1), seed an integer in [0, 2**32).
+        With `prompt_len`, `spec.check_fits(prompt_len, max_tokens)` runs too.
+
+        Raises:
+          InvalidRequestError: a setting out of range, or (with prompt_len) a request
+            that can never fit in a slot.
+          EngineSpecError: more stop ids than spec.max_stop_ids, or a bad max_tokens.
+        """
+        from jaxllama.models.adapter import AdapterForwardConfig  # heavy; only here
+
+        stop_ids = tuple(stop_ids)
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0
+               for t in stop_ids):
+            raise InvalidRequestError(
+                f"SlotRequest: stop_ids {stop_ids!r}; expected token ids (integers >= 0)"
+            )
         stop_ids = tuple(int(t) for t in stop_ids)
         if len(stop_ids) > spec.max_stop_ids:
             raise EngineSpecError(
@@ -150,8 +204,15 @@ class SlotRequest:
         if (isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer))
                 or max_tokens < 1):
             raise EngineSpecError(f"max_tokens is {max_tokens!r}; expected an integer >= 1")
-        if not 0 <= seed < 2**32:
-            raise EngineSpecError(f"seed is {seed!r}; expected an integer in [0, 2**32)")
+        try:
+            AdapterForwardConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                                 min_p=min_p, seed=seed).validate()
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(
+                str(exc).replace("AdapterForwardConfig.", "SlotRequest.", 1)
+            ) from None
+        if prompt_len is not None:
+            spec.check_fits(prompt_len, max_tokens)
         stops = np.full((spec.max_stop_ids,), NO_STOP, np.int32)
         stops[: len(stop_ids)] = stop_ids
         return cls(

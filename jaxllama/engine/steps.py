@@ -35,6 +35,7 @@ import numpy as np
 from jaxllama import backend
 from jaxllama.engine.paged_cache import NO_PAGE, PagedKVCache
 from jaxllama.engine.spec import EngineSpec, EngineState, SlotRequest
+from jaxllama.errors import EngineSpecError
 from jaxllama.models.transformer import (
     Params,
     apply_rope,
@@ -185,7 +186,16 @@ def prefill_chunk(params: Params, state: EngineState, slot: Array, tokens: Array
     must already be in the slot's pages (earlier chunks, or shared prefix pages).
     Returns the state with the slot's length start + num_valid, and the float32 logits
     (V,) at the chunk's last real token (pass the last chunk's to `insert`).
+    A T that is not a bucket is refused (EngineSpecError) when the call is traced.
     """
+    if jnp.ndim(tokens) != 1 or jnp.shape(tokens)[0] not in spec.prefill_buckets:
+        # Each length is its own compiled program: only the buckets are allowed, so a
+        # session compiles at most len(prefill_buckets) prefill programs.
+        raise EngineSpecError(
+            f"prefill_chunk: tokens has shape {jnp.shape(tokens)}; expected (T,) with T one "
+            f"of EngineSpec.prefill_buckets {spec.prefill_buckets} (pad the chunk to "
+            f"spec.bucket(n) tokens and pass num_valid=n)"
+        )
     table = state.block_table[slot][None]
     start = jnp.asarray(start, jnp.int32)
     num_valid = jnp.asarray(num_valid, jnp.int32)

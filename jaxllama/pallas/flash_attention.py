@@ -161,13 +161,18 @@ def load_kv_block(k_ref, v_ref, j, block_k: int, seq_k: int, chunks, masked: boo
             [v_ref[pl.ds(start, block_k), pl.ds(c0, cw)] for c0, cw in chunks])
 
 
-def online_softmax_update(carry, qs, ks, vs, scale, valid=None, key_ok=None):
+def online_softmax_update(carry, qs, ks, vs, scale, valid=None, key_ok=None, *,
+                          zero_masked: bool = False):
     """One key block of the online softmax, in the log2 domain.
 
     carry = (accs, m, l) per row; valid (rows, block_k) masks logits; key_ok (block_k,)
     marks slots below kv_len, whose V rows alone may enter the sum (slots past it may
-    hold anything, NaN included, and 0 * NaN is NaN). Masked logits give exactly 0: the
-    callers only visit blocks where each row's max is a real logit.
+    hold anything, NaN included, and 0 * NaN is NaN). Masked logits give exactly 0 when
+    each row's max is a real logit, which holds for every block `flash_attention`
+    visits. zero_masked=True (with `valid`) also sets the masked weights to 0, for
+    callers that visit blocks where a row sees no key (`paged_attention`'s splits): such
+    a row's max is MASK_VALUE, its masked weights would be exp2(0) = 1, and with them
+    zeroed it keeps its carry unchanged.
     """
     accs, m_prev, l_prev = carry
     s = _dot_nt(qs[0], ks[0])
@@ -179,6 +184,8 @@ def online_softmax_update(carry, qs, ks, vs, scale, valid=None, key_ok=None):
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     alpha = jnp.exp2(m_prev - m_next)
     p = jnp.exp2(s - m_next[:, None])
+    if zero_masked and valid is not None:
+        p = jnp.where(valid, p, 0.0)
     if key_ok is not None:
         vs = [jnp.where(key_ok[:, None], vc, 0) for vc in vs]
     l_next = alpha * l_prev + jnp.sum(p, axis=1)

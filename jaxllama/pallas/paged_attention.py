@@ -48,7 +48,8 @@ How the kernel works
 * Blocks that every row sees in full run unmasked; the rest mask by length and by the
   causal rule. Unlike `flash_attention`, a split of a causal chunk can hold rows that
   see none of its keys, so the masked update zeroes their weights explicitly (a row
-  whose logits are all masked would otherwise weigh every key equally).
+  whose logits are all masked would otherwise weigh every key equally): the shared
+  `flash_attention.online_softmax_update` with ``zero_masked=True``.
 * Head dims go in power-of-two column chunks (96 = 64 + 32), as in `flash_attention`.
 
 Lowering: Triton, for the reasons given in `jaxllama.pallas.flash_attention`;
@@ -73,8 +74,10 @@ from jaxllama.pallas.flash_attention import (
     check_head_dim,
     fit_block,
     head_dim_chunks,
+    online_softmax_update,
     triton_compiler_params,
 )
+from jaxllama.errors import InvalidRequestError, library_errors
 
 # 64 keys per tile for 2-byte inputs: a K and a V tile are 16 KiB each at H = 128, as
 # in `decode_attention`; with 16- or 64-token pages a tile is then one contiguous slice
@@ -94,40 +97,6 @@ DEFAULT_NUM_SPLITS = 8
 # Decode does little math per byte: 4 warps and 2 stages, as `decode_attention`.
 NUM_WARPS = 4
 NUM_STAGES = 2
-
-
-def _dot_nt(a, b):
-    """a (M, C) . b (N, C)^T -> (M, N) float32."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_nn(a, b):
-    """a (M, C) . b (C, N) -> (M, N) float32."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _softmax_step(carry, qs, ks, vs, scale, valid=None, key_ok=None):
-    """One key block of the online softmax (log2 domain). ``valid`` (rows, block_k)
-    masks logits and weights, key_ok (block_k,) the V rows below the length; a row
-    that sees no key of the block keeps its carry unchanged."""
-    accs, m_prev, l_prev = carry
-    s = _dot_nt(qs[0], ks[0])
-    for qc, kc in zip(qs[1:], ks[1:]):
-        s = s + _dot_nt(qc, kc)
-    s = s * scale
-    if valid is not None:
-        s = jnp.where(valid, s, MASK_VALUE)
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m_prev - m_next)
-    p = jnp.exp2(s - m_next[:, None])
-    if valid is not None:
-        p = jnp.where(valid, p, 0.0)
-        # Rows past the length may hold anything (NaN too) and 0 * NaN is NaN.
-        vs = [jnp.where(key_ok[:, None], vc, 0) for vc in vs]
-    l_next = alpha * l_prev + jnp.sum(p, axis=1)
-    p = p.astype(vs[0].dtype)
-    accs = tuple(alpha[:, None] * acc + _dot_nn(p, vc) for acc, vc in zip(accs, vs))
-    return accs, m_next, l_next
 
 
 def _paged_kernel(
@@ -203,10 +172,13 @@ def _paged_kernel(
     def step(j, carry, masked: bool):
         k_pos, ks, vs = load(j)
         if not masked:
-            return _softmax_step(carry, qs, ks, vs, scale)
+            return online_softmax_update(carry, qs, ks, vs, scale)
         key_ok = k_pos < kv_len
         valid = key_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        return _softmax_step(carry, qs, ks, vs, scale, valid, key_ok)
+        # A row may see no key of a masked block here (see the module doc): its masked
+        # weights must be 0, not exp2(MASK_VALUE - MASK_VALUE) = 1.
+        return online_softmax_update(carry, qs, ks, vs, scale, valid, key_ok,
+                                     zero_masked=True)
 
     carry = (
         tuple(jnp.zeros((block_q, cw), jnp.float32) for _, cw in chunks),
@@ -226,30 +198,31 @@ def _paged_kernel(
 
 def _check_args(where, q, k_pages, v_pages, block_table, lengths, q_offset) -> None:
     if q.ndim not in (3, 4) or k_pages.ndim != 4:
-        raise ValueError(
+        raise InvalidRequestError(
             f"{where}: expected q (B, N, H) or (B, T, N, H) and k_pages, v_pages "
             f"(K, P, L, H); got q {q.shape}, k_pages {k_pages.shape}"
         )
     b, n, h = q.shape[0], q.shape[-2], q.shape[-1]
     if k_pages.shape != v_pages.shape or k_pages.shape[3] != h:
-        raise ValueError(
+        raise InvalidRequestError(
             f"{where}: k_pages {k_pages.shape} and v_pages {v_pages.shape} must both be "
-            f"(K, P, L, H) with H={h} from q {q.shape}"
+            f"(K, P, L, H) with H={h} from q {q.shape}; expected equal shapes ending in {h}"
         )
     if n % k_pages.shape[0]:
-        raise ValueError(
-            f"{where}: {n} query heads is not a multiple of {k_pages.shape[0]} kv heads"
+        raise InvalidRequestError(
+            f"{where}: {n} query heads is not a multiple of {k_pages.shape[0]} kv heads; "
+            f"expected q's heads N = G * K for the K kv heads of k_pages {k_pages.shape}"
         )
     if jnp.ndim(block_table) != 2 or jnp.shape(block_table)[0] != b:
-        raise ValueError(
+        raise InvalidRequestError(
             f"{where}: block_table has shape {jnp.shape(block_table)}; expected ({b}, M)"
         )
     for name, x in (("lengths", lengths), ("q_offset", q_offset)):
         if x is not None and jnp.shape(x) != (b,):
-            raise ValueError(f"{where}: {name} has shape {jnp.shape(x)}; expected ({b},)")
+            raise InvalidRequestError(f"{where}: {name} has shape {jnp.shape(x)}; expected ({b},)")
     for name, x in (("block_table", block_table), ("lengths", lengths), ("q_offset", q_offset)):
         if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.integer):
-            raise ValueError(f"{where}: {name} has dtype {jnp.result_type(x)}; expected int32")
+            raise InvalidRequestError(f"{where}: {name} has dtype {jnp.result_type(x)}; expected int32")
 
 
 def _queries(q, lengths, q_offset):
@@ -260,6 +233,7 @@ def _queries(q, lengths, q_offset):
     return q4, q_offset.astype(jnp.int32)
 
 
+@library_errors
 @functools.partial(
     jax.jit,
     static_argnames=[
@@ -383,10 +357,11 @@ def paged_attention(
 
 def _gather_head_major(pages: jax.Array, block_table: jax.Array) -> jax.Array:
     """(K, B, M * L, H): slot b's position s of kv head h at [h, b, s]. One row gather
-    from the flat (K, P * L, H) pool, with no transpose after it: on this 2-core CPU
-    the twin's decode at SmolLM2 shape (B=32, S=512, float32) took 7.6 ms this way
-    and 9.7 ms gathering pages then transposing to (B, K, S, H); dense attention on
-    the same keys, 3.1 ms (benchmarks/RESULTS.md, "Paged attention")."""
+    from the flat (K, P * L, H) pool straight into the head-major order the twin's
+    einsums read, so no transpose follows it (gathering pages slot-major and then
+    transposing was measured slower). The figures, against dense attention on the same
+    keys, are in benchmarks/RESULTS.md, section "Paged attention"
+    (`python -m benchmarks.paged_attention`)."""
     num_kv_heads, num_pages, page_size, head_dim = pages.shape
     batch, max_pages = block_table.shape
     table = jnp.clip(block_table.astype(jnp.int32), 0, num_pages - 1)
@@ -395,6 +370,7 @@ def _gather_head_major(pages: jax.Array, block_table: jax.Array) -> jax.Array:
     return flat[:, rows.reshape(batch, max_pages * page_size)]
 
 
+@library_errors
 def gather_pages(pages: jax.Array, block_table: jax.Array) -> jax.Array:
     """A slot-major dense view of a (K, P, L, H) pool: (B, K, M * L, H), slot b's
     position s at [b, :, s]. Table entries are clamped into [0, P); positions past a
@@ -402,6 +378,7 @@ def gather_pages(pages: jax.Array, block_table: jax.Array) -> jax.Array:
     return jnp.swapaxes(_gather_head_major(pages, block_table), 0, 1)
 
 
+@library_errors
 def paged_attention_reference(
     q: jax.Array,
     k_pages: jax.Array,
