@@ -199,6 +199,53 @@ def _check_sampling(p: argparse.ArgumentParser, args) -> None:
         bad("--seed", args.seed, "an integer in [0, 2**32)")
 
 
+# --weights that mean dense weights of one dtype, by --dtype's spelling of it.
+_DENSE_WEIGHT_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+
+
+def _check_weights(p: argparse.ArgumentParser, args) -> None:
+    want = _DENSE_WEIGHT_DTYPES.get(args.weights)
+    if want is not None and args.dtype is not None and args.dtype != want:
+        p.error(f"argument --weights: {args.weights} means {want} weights, but --dtype "
+                f"{args.dtype} was also given; pass one of them (--dtype alone, or --weights "
+                "int8/int4/native to compute in --dtype with quantized weights)")
+
+
+def _context_length(model: str) -> int | None:
+    """The model file's context length from its header (JAX-free, nothing loaded); None
+    when the file is not here yet (a packaged name not fetched) or cannot be read (the
+    load then says why)."""
+    from jaxllama.errors import GGUFError
+    from jaxllama.gguf.reader import read_gguf
+
+    if model in hub.ENTRIES:
+        if not hub.is_cached(model):
+            return None
+        path = hub.cached_path(model)
+    else:
+        path = Path(model).expanduser()
+    try:
+        gguf_file = read_gguf(path)
+        value = gguf_file.metadata.get(f"{gguf_file.architecture}.context_length")
+    except (GGUFError, OSError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _check_context(p: argparse.ArgumentParser, args) -> None:
+    """--max-tokens and --context against the model's context length. The prompt's own
+    tokens are not known before the tokenizer is built; the library checks the sum."""
+    ctx = _context_length(args.model)
+    if ctx is None:
+        return
+    if args.command in ("generate", "chat") and args.max_tokens >= ctx:
+        p.error(f"argument --max-tokens: {args.max_tokens} leaves no room for the prompt in "
+                f"the model's context length {ctx} ({args.model}); expected at most {ctx - 1}")
+    if args.command == "perplexity" and args.context > ctx:
+        p.error(f"argument --context: {args.context} exceeds the model's context length {ctx} "
+                f"({args.model}); expected at most {ctx}")
+
+
 def check_args(parser: argparse.ArgumentParser, args) -> None:
     """Refuse bad options before anything is loaded: `parser.error` (exit 2) with the
     option's name. Reads the prompt/text files into `args.prompt` / `args.text`.
@@ -206,6 +253,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     p = _subparser(parser, args.command)
     if args.command in ("generate", "chat", "perplexity"):
         _check_model(p, "--model", args.model)
+        _check_weights(p, args)
     if args.command in ("generate", "chat"):
         _check_sampling(p, args)
     if args.command == "generate":
@@ -233,6 +281,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         if args.stride is not None and not 0 < args.stride <= args.context:
             p.error(f"argument --stride: {args.stride} is out of range; expected "
                     f"0 < stride <= --context ({args.context})")
+    if args.command in ("generate", "chat", "perplexity"):
+        _check_context(p, args)  # last: it reads the model file's header
 
 
 # ------------------------------------------------------------------ loading and feedback
@@ -424,8 +474,15 @@ def run_reply(adapter, ids: list[int], max_tokens: int, config, *, stops=(), wri
     )
 
 
-def _length_notice(reply: Reply, max_tokens: int) -> None:
-    if reply.finish_reason == "length" and not reply.interrupted:
+def _length_notice(reply: Reply, max_tokens: int, context_full: bool = False) -> None:
+    """Says why a reply was cut: at --max-tokens, or (`context_full`: the limit was the
+    room left in the model's context, less than --max-tokens) at the context's end."""
+    if reply.finish_reason != "length" or reply.interrupted:
+        return
+    if context_full:
+        _err("jaxllama: the reply stopped at the end of the model's context; the conversation "
+             "is full (/reset it, or /save it and start afresh)\n")
+    else:
         _err(f"jaxllama: the reply stopped at --max-tokens {max_tokens}; raise it for more\n")
 
 
@@ -568,7 +625,7 @@ class ChatSession:
                     print(f"error: cannot load {arg}: {exc}", file=sys.stderr)
                 else:
                     systems = [m for m in messages if m["role"] == "system"]
-                    self.system = systems[0]["content"] if systems else self.system
+                    self.system = systems[0]["content"] if systems else None
                     self.history = [m for m in messages if m["role"] != "system"]
                     print(f"(loaded {len(messages)} messages from {arg})", file=sys.stderr)
         else:
@@ -618,30 +675,43 @@ def cmd_chat(args) -> int:
             continue
         if text.startswith("//"):
             text = text[1:]
-        session.history.append({"role": "user", "content": text})
         try:
-            ids = adapter.prompt_ids(session.messages())
-            config = _forward_config(args, seed=(args.seed + session.turns) % 2**32)
-            room = adapter.config.context_length - len(ids)
-            if room < 1:
-                raise JaxLlamaError(f"the conversation ({len(ids)} tokens) fills the model's "
-                                    f"context ({adapter.config.context_length}); /reset or /save it")
-            reply = run_reply(adapter, ids, min(args.max_tokens, room), config, write=out.write, out=out)
-        except JaxLlamaError as exc:
-            session.history.pop()
-            out.end_line()
-            print(f"error: {exc}", file=sys.stderr)
-            continue
-        session.turns += 1
+            _chat_turn(adapter, session, args, out, text)
+        except KeyboardInterrupt:
+            # Ctrl-C outside the reply's own loop (building the prompt, starting or ending
+            # the reply): the turn is dropped; the history is as before it, or holds the
+            # reply if it was already recorded.
+            with contextlib.suppress(KeyboardInterrupt):
+                out.end_line()
+                print("(interrupted)", file=sys.stderr)
+
+
+def _chat_turn(adapter, session: ChatSession, args, out: _Stdout, text: str) -> None:
+    """One user message and its streamed reply. The history changes in one step once the
+    reply is in, so a Ctrl-C anywhere before that leaves it as it was."""
+    user = {"role": "user", "content": text}
+    try:
+        ids = adapter.prompt_ids(session.messages() + [user])
+        config = _forward_config(args, seed=(args.seed + session.turns) % 2**32)
+        room = adapter.config.context_length - len(ids)
+        if room < 1:
+            raise JaxLlamaError(f"the conversation ({len(ids)} tokens) fills the model's "
+                                f"context ({adapter.config.context_length}); /reset or /save it")
+        limit = min(args.max_tokens, room)
+        reply = run_reply(adapter, ids, limit, config, write=out.write, out=out)
+    except JaxLlamaError as exc:
         out.end_line()
-        if reply.interrupted:
-            print("(interrupted; the reply so far is kept)", file=sys.stderr)
-        else:
-            _length_notice(reply, args.max_tokens)
-        if reply.text or not reply.interrupted:
-            session.history.append({"role": "assistant", "content": reply.text})
-        else:
-            session.history.pop()  # nothing was said: forget the question too
+        print(f"error: {exc}", file=sys.stderr)
+        return
+    session.turns += 1
+    if reply.text or not reply.interrupted:  # an interrupted reply keeps what it said
+        session.history = session.history + [user, {"role": "assistant", "content": reply.text}]
+    # else nothing was said: the question is forgotten too
+    out.end_line()
+    if reply.interrupted:
+        print("(interrupted; the reply so far is kept)", file=sys.stderr)
+    else:
+        _length_notice(reply, args.max_tokens, context_full=limit < args.max_tokens)
 
 
 def _memory_label(info: str) -> str:

@@ -94,7 +94,7 @@ def enable_or_warn(path: str | os.PathLike) -> Path | None:
         return path
     except OSError as exc:
         disable()
-        warnings.warn(f"jaxllama: compilation cache {path} is not usable ({exc}); "
+        warnings.warn(f"compilation cache {path} is not usable ({exc}); "
                       "running without it", RuntimeWarning, stacklevel=2)
         return None
 

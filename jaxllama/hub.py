@@ -126,7 +126,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     """
     if isinstance(name_or_path, str) and name_or_path in ENTRIES:
         return pull(name_or_path)
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if isinstance(name_or_path, str) and looks_like_name(name_or_path) and not path.exists():
         raise HubError(unknown_name_message(name_or_path))
     return path

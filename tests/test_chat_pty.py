@@ -140,3 +140,23 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_history(greedy_chat, tmp_path):
     chat.expect(pexpect.EOF)
     chat.close()
     assert chat.exitstatus == 0
+
+
+def test_load_replaces_the_system_message_too(xla_cache, tmp_path):
+    """/load replaces the conversation: a file without a system message leaves none."""
+    child = _spawn_chat(xla_cache, "--system", "You are a pirate.")
+    try:
+        (tmp_path / "plain.json").write_text(json.dumps([{"role": "user", "content": "Hi"},
+                                                         {"role": "assistant", "content": "Hello!"}]))
+        child.sendline(f"/load {tmp_path / 'plain.json'}")
+        child.expect_exact("(loaded 2 messages")
+        child.expect_exact(PROMPT)
+        child.sendline("/system")
+        child.expect_exact("(no system message)")
+        child.expect_exact(PROMPT)
+        assert [m["role"] for m in _saved(child, tmp_path / "after.json")] == ["user", "assistant"]
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)

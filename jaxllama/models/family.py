@@ -70,7 +70,7 @@ class FamilyLoader:
         self.__name__ = self.__qualname__ = name
 
     def load_to_vram(self, path: str | os.PathLike, config: ModelConfig | None = None, *,
-                     dtype: Any = None, weights: str | None = None, progress: bool = True,
+                     dtype: Any = None, weights: str | None = None, progress: bool = False,
                      mesh=None) -> LoadedModel:
         # The loader needs JAX; this module (and the presets beside it) does not.
         from jaxllama.gguf.reader import read_gguf

@@ -319,7 +319,7 @@ def load_gguf(
     *,
     dtype: Any = None,
     weights: str | None = None,
-    progress: bool = True,
+    progress: bool = False,
     mesh: Mesh | None = None,
 ) -> LoadedModel:
     """Load a GGUF file onto the default device, or onto `mesh`'s devices.
@@ -332,7 +332,8 @@ def load_gguf(
     `jaxllama.quant.formats` says which GGUF type becomes what, exactly or requantized),
     with norms, biases, activations and the KV cache in `dtype`. With a `mesh` (axes
     "data" and "model", see `jaxllama.sharding`), each tensor is streamed to its shards: every device decodes
-    only the rows/columns it holds, straight from the file's bytes.
+    only the rows/columns it holds, straight from the file's bytes. `progress=True` shows
+    a loading bar on stderr (off by default: a library call is quiet; the CLI turns it on).
     """
     gguf_file = path if isinstance(path, GGUFFile) else read_gguf(hub.resolve(path))
     file_config = config_from_gguf(gguf_file)
