@@ -30,7 +30,8 @@ XLA's CPU backend uses every core by default.
 
 llama.cpp (`llama-cpp-python`, imported as `llama_cpp`) runs too when it is importable:
 from this environment, or from another one's site-packages given with `--llamacpp-site`
-(appended to sys.path, so this environment's numpy wins). It gets the same ids: prefill
+(appended to sys.path, so this environment's numpy wins). It runs in a child process
+of its own, so that XLA's thread pool does not share its cores. It gets the same ids: prefill
 = `Llama.eval(prompt)` after `reset()`, decode = N - 1 rounds of `sample(temp=0)` +
 `eval([token])` (greedy), 2 threads unless `--llamacpp-threads`. Building it from source
 takes 15-20 minutes here, so CI never needs it:
@@ -51,8 +52,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -239,55 +242,65 @@ def bench_hf(name, path, dtype, ids, n_new, repeats, eos_ids) -> Result:
     return res
 
 
-def import_llama_cpp(site: str | None):
-    """The llama_cpp module, or None; `site` (another venv's site-packages) is appended
-    to sys.path first."""
-    if site:
-        if not os.path.isdir(site):
-            raise SystemExit(f"--llamacpp-site {site}: no such directory")
-        sys.path.append(site)
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    return llama_cpp
+LLAMACPP_CHILD = r"""
+import json, os, statistics, sys, time
+sys.path.append(sys.argv[1]) if sys.argv[1] else None
+import llama_cpp
+path, threads, n_new, repeats = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+ids = json.loads(sys.stdin.read())
+llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads,
+                      n_ctx=1 << (len(ids) + n_new).bit_length(), n_batch=512, verbose=False)
+def prefill():
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids)
+    return time.perf_counter() - start
+first = prefill()
+pre = statistics.median(prefill() for _ in range(repeats))
+runs = []
+for _ in range(repeats):
+    prefill()
+    tokens = [int(llm.sample(temp=0.0))]
+    start = time.perf_counter()
+    for _ in range(n_new - 1):
+        llm.eval([tokens[-1]])
+        tokens.append(int(llm.sample(temp=0.0)))
+    runs.append(time.perf_counter() - start)
+print(json.dumps({"version": llama_cpp.__version__, "first_prefill_s": first, "prefill_s": pre,
+                  "steps_s": statistics.median(runs), "tokens": tokens,
+                  "loadavg": os.getloadavg()}))
+"""
 
 
-def bench_llamacpp(llama_cpp, name, path, ids, n_new, repeats, threads) -> Result:
-    """llama.cpp on the same file and ids: prefill = eval(prompt) after reset; decode =
+def llama_cpp_available(site: str | None) -> str | None:
+    """llama_cpp's version if a child process can import it (with `site`, another
+    venv's site-packages, appended to its sys.path), else None."""
+    if site and not os.path.isdir(site):
+        raise SystemExit(f"--llamacpp-site {site}: no such directory")
+    code = (f"import sys; sys.path.append({site!r}); " if site else "") + \
+        "import llama_cpp; print(llama_cpp.__version__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def bench_llamacpp(site, name, path, ids, n_new, repeats, threads) -> Result:
+    """llama.cpp on the same file and ids, in a child process of its own (so that no
+    XLA thread pool shares its cores): prefill = eval(prompt) after reset; decode =
     greedy sample + eval of one token, N - 1 times (its per-token cost, as jaxllama's)."""
-    n_ctx = 1 << (len(ids) + n_new).bit_length()
-    llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
-                          n_ctx=n_ctx, n_batch=512, verbose=False)
-    res = Result(name, "llama.cpp", "gguf", len(ids), n_new)
-
-    def run_prefill():
-        llm.reset()
-        llm.eval(ids)
-
-    _, res.first_prefill_s = timed(run_prefill)
-    _, res.prefill_s = median_time(run_prefill, repeats)
-
-    def gen(n):
-        run_prefill()
-        tokens = [int(llm.sample(temp=0.0))]
-        start = time.perf_counter()
-        for _ in range(n - 1):
-            llm.eval([tokens[-1]])
-            tokens.append(int(llm.sample(temp=0.0)))
-        return tokens, time.perf_counter() - start
-
-    res.first_generate_s = 0.0
-    runs = [gen(n_new) for _ in range(repeats)]
-    res.tokens = runs[-1][0]
-    res.generated = len(res.tokens)
-    steps = statistics.median(t for _, t in runs)
+    res = subprocess.run(
+        [sys.executable, "-c", LLAMACPP_CHILD, site or "", str(path), str(threads), str(n_new),
+         str(repeats)], input=json.dumps(list(ids)), capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"llama.cpp child failed:\n{res.stderr[-3000:]}")
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    r = Result(name, "llama.cpp", "gguf", len(ids), n_new)
+    r.first_prefill_s, r.prefill_s = got["first_prefill_s"], got["prefill_s"]
     # Expressed as generate(N) - generate(1) = the N - 1 decode steps, as for the others.
-    res.generate1_s, res.generate_s = 0.0, steps
-    res.loadavg = os.getloadavg()
-    del llm
-    gc.collect()
-    return res
+    r.first_generate_s, r.generate1_s, r.generate_s = 0.0, 0.0, got["steps_s"]
+    r.tokens = got["tokens"]
+    r.generated = len(r.tokens)
+    r.loadavg = tuple(got["loadavg"])
+    return r
 
 
 def _f(x, spec):
@@ -352,9 +365,10 @@ def main(argv=None) -> None:
     print(f"prompt: first {args.prompt_tokens} tokens of a fixed Python-module text; "
           f"{args.new_tokens} new tokens, greedy, batch 1, {args.dtype}; {args.repeats} repeats (median)")
 
-    llama_cpp = None if args.skip_llamacpp else import_llama_cpp(args.llamacpp_site)
-    print("llama.cpp: " + (f"llama_cpp {llama_cpp.__version__} from {os.path.dirname(llama_cpp.__file__)}, "
-                           f"{args.llamacpp_threads} threads" if llama_cpp else "not importable (skipped)"))
+    llama_cpp = None if args.skip_llamacpp else llama_cpp_available(args.llamacpp_site)
+    print("llama.cpp: " + (f"llama_cpp {llama_cpp} ({args.llamacpp_site or 'this environment'}), "
+                           f"{args.llamacpp_threads} threads, in a child process" if llama_cpp
+                           else "not importable (skipped)"))
     results: list[Result] = []
     notes: list[str] = []
     for name in args.model or MODELS:
@@ -373,7 +387,7 @@ def main(argv=None) -> None:
             gc.collect()
         r = mine[0]
         if llama_cpp is not None:
-            ref = bench_llamacpp(llama_cpp, name, path, ids, args.new_tokens, args.repeats,
+            ref = bench_llamacpp(args.llamacpp_site, name, path, ids, args.new_tokens, args.repeats,
                                  args.llamacpp_threads)
             results.append(ref)
             print_result(ref)
@@ -392,7 +406,7 @@ def main(argv=None) -> None:
 
     v = {"jax": jax.__version__}
     if llama_cpp is not None:
-        v["llama-cpp-python"] = llama_cpp.__version__
+        v["llama-cpp-python"] = llama_cpp
     if not args.skip_transformers:
         import torch
         import transformers

@@ -40,7 +40,7 @@ from jaxllama.errors import (
 from jaxllama.models import llama, phi3, qwen
 from jaxllama.models.config import ModelConfig, ModelType
 from jaxllama.models.transformer import KVCache
-from jaxllama.models.weights import LoadedModel, load_gguf
+from jaxllama.models.weights import LoadedModel, default_weights, load_gguf
 from jaxllama.sampling import SamplingParams, spec_for
 from jaxllama.sharding import ShardingPlan
 from jaxllama.sharding import to_host as _host
@@ -248,6 +248,7 @@ class LlamaInferenceAdapter:
         batches are split over its `data` axis (see `jaxllama.sharding`).
         """
         path = hub.resolve(path_or_name)
+        weights = default_weights(dtype) if weights is None else weights  # int8 on the CPU
         return cls.from_model(load_gguf(path, config, dtype=dtype, weights=weights,
                                         progress=progress, mesh=mesh), **kwargs)
 

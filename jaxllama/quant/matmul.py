@@ -161,6 +161,11 @@ def cpu_qlinear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
         return xf @ _dense_rows(*part, w.kind, x.dtype, keep).T  # (rows, size)
 
     if 1 <= rows <= CPU_MATVEC_MAX_ROWS and w.kind == "int8":
+        # x made a buffer of its own before the fused matvec: XLA otherwise pulls x's
+        # producer into the loop over the codes and recomputes it per output row (a
+        # final RMSNorm's reduction, once per vocab row, made Qwen's decode 20x slower).
+        # A conditional on the always-true `keep` is a boundary no fusion crosses.
+        xf = jax.lax.cond(keep, lambda v: v, lambda v: jnp.zeros_like(v), xf)
         rows_out = [xf[r:r + 1] @ _dense_rows(*leaves, w.kind, x.dtype, keep).T for r in range(rows)]
         y = jnp.concatenate(rows_out, axis=0) if rows != 1 else rows_out[0]
     else:
