@@ -126,6 +126,7 @@ def _dense_rows(q, scales, mins, kind: str, dtype, keep) -> jax.Array:
     return values.reshape(r, -1).astype(dtype).astype(jnp.float32)
 
 
+@jax.jit  # one program, called eagerly or inside a jit: the same sums either way
 def cpu_qlinear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """`qlinear`'s XLA path on the CPU: x (..., in) @ w.T -> (..., out) float32, with
     the weight dequantized to x's dtype (as the twin, `quant_matmul_reference`) but
@@ -165,7 +166,9 @@ def cpu_qlinear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
         # producer into the loop over the codes and recomputes it per output row (a
         # final RMSNorm's reduction, once per vocab row, made Qwen's decode 20x slower).
         # A conditional on the always-true `keep` is a boundary no fusion crosses.
-        xf = jax.lax.cond(keep, lambda v: v, lambda v: jnp.zeros_like(v), xf)
+        # `keep` comes out of it too, a scalar buffer: computed inside the fusion, it was
+        # recomputed for every code.
+        xf, keep = jax.lax.cond(keep, lambda v, k: (v, k), lambda v, k: (jnp.zeros_like(v), k), xf, keep)
         rows_out = [xf[r:r + 1] @ _dense_rows(*leaves, w.kind, x.dtype, keep).T for r in range(rows)]
         y = jnp.concatenate(rows_out, axis=0) if rows != 1 else rows_out[0]
     else:
