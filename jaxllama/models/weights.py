@@ -66,18 +66,23 @@ def default_dtype():
 # `weights=` on loading: dense at a float dtype, or kept quantized (jaxllama.quant).
 DENSE_WEIGHTS = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
 QUANTIZED_WEIGHTS = ("int8", "int4", "native")
-# The storage when neither `weights=` nor `dtype=` is given, on the CPU: int8 decoded
-# SmolLM2 1.4x and Qwen 1.3x faster than float32 here, held 0.46x the peak memory, and
-# agreed with float32 on 0.98 / 0.99 of top-1 tokens; `native` is bit-exact for SmolLM2
-# but its Q4_1 tensors go to int4, which XLA's CPU backend multiplies slowly
-# (benchmarks/RESULTS.md, "CPU decode"). Elsewhere the default stays dense.
-CPU_DEFAULT_WEIGHTS = "int8"
+# The storage when neither `weights=` nor `dtype=` is given, on the CPU; None = dense
+# float32. Measured (benchmarks/RESULTS.md, "CPU decode", loaded 2-core machine): int8
+# holds 0.46x float32's peak memory and decoded SmolLM2 1.7x faster (48 against 28
+# tokens/s), but Qwen2.5's int8 decode measured 2-3x slower than float32 and that is not
+# yet understood; `native` keeps Q4_x as int4, which XLA's CPU backend multiplies slowly.
+# So the default stays dense until Qwen's int8 decode is fixed; "int8" here switches it.
+CPU_DEFAULT_WEIGHTS: str | None = None
 
 
 def default_weights(dtype: Any = None) -> str | None:
     """`LlamaInferenceAdapter.from_gguf`'s storage when `weights=` is not given:
     CPU_DEFAULT_WEIGHTS on the CPU when no `dtype` is asked for either, else dense."""
-    return CPU_DEFAULT_WEIGHTS if dtype is None and jax.default_backend() == "cpu" else None
+    if dtype is None and jax.default_backend() == "cpu":
+        return CPU_DEFAULT_WEIGHTS
+    return None
+
+
 WEIGHT_OPTIONS = (*DENSE_WEIGHTS, *QUANTIZED_WEIGHTS)
 # The (out, in) matmul weights a quantized mode keeps quantized (norms and biases never).
 _MATMUL_FIELDS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "embed", "output"})
