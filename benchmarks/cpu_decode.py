@@ -1,4 +1,5 @@
-"""Prefill and decode speed on the CPU: jaxllama next to transformers on the same GGUF.
+"""Prefill and decode speed on the CPU: jaxllama next to transformers and llama.cpp on
+the same GGUF.
 
 For each packaged model, both libraries get the same token ids (a `--prompt-tokens`
 long prompt, 128 by default, cut from a fixed code-and-prose text with jaxllama's
@@ -27,6 +28,20 @@ and printed for both, and the two greedy continuations are compared token by tok
 torch runs with `torch.set_num_threads(os.cpu_count())` (`--torch-threads` to change it);
 XLA's CPU backend uses every core by default.
 
+llama.cpp (`llama-cpp-python`, imported as `llama_cpp`) runs too when it is importable:
+from this environment, or from another one's site-packages given with `--llamacpp-site`
+(appended to sys.path, so this environment's numpy wins). It runs in a child process
+of its own, so that XLA's thread pool does not share its cores. It gets the same ids: prefill
+= `Llama.eval(prompt)` after `reset()`, decode = N - 1 rounds of `sample(temp=0)` +
+`eval([token])` (greedy), 2 threads unless `--llamacpp-threads`. Building it from source
+takes 15-20 minutes here, so CI never needs it:
+
+    python -m venv /work/llamacpp-venv
+    CMAKE_ARGS="-DGGML_NATIVE=ON" MAKEFLAGS=-j2 /work/llamacpp-venv/bin/pip install \
+        --no-cache-dir llama-cpp-python==0.3.36
+    python -m benchmarks.cpu_decode --skip-transformers --weights f32 int8 native \
+        --llamacpp-site /work/llamacpp-venv/lib/python3.11/site-packages
+
     python -m benchmarks.cpu_decode                         # both models, 64 new tokens
     python -m benchmarks.cpu_decode --model smollm2-135m-instruct --new-tokens 32
     python -m benchmarks.cpu_decode --skip-transformers --dtype bfloat16
@@ -37,8 +52,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -147,11 +164,12 @@ def prompt_ids(adapter, n: int) -> list[int]:
     return ids[:n]
 
 
-def bench_jax(name, path, dtype, n_prompt, n_new, repeats) -> tuple[Result, list[int], tuple]:
-    adapter = LlamaInferenceAdapter.from_gguf(path, dtype=dtype, progress=False)
+def bench_jax(name, path, dtype, n_prompt, n_new, repeats, weights=None) -> tuple[Result, list[int], tuple]:
+    adapter = LlamaInferenceAdapter.from_gguf(path, dtype=None if weights else dtype,
+                                              weights=weights, progress=False)
     jax.block_until_ready(adapter.model.params)
     ids = prompt_ids(adapter, n_prompt)
-    res = Result(name, "jaxllama", str(jnp.dtype(dtype)), len(ids), n_new)
+    res = Result(name, "jaxllama", weights or str(jnp.dtype(dtype)), len(ids), n_new)
 
     def run_prefill():
         out, state = adapter.prefill(ids)  # returns host ids: already synchronised
@@ -224,6 +242,67 @@ def bench_hf(name, path, dtype, ids, n_new, repeats, eos_ids) -> Result:
     return res
 
 
+LLAMACPP_CHILD = r"""
+import json, os, statistics, sys, time
+sys.path.append(sys.argv[1]) if sys.argv[1] else None
+import llama_cpp
+path, threads, n_new, repeats = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+ids = json.loads(sys.stdin.read())
+llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads,
+                      n_ctx=1 << (len(ids) + n_new).bit_length(), n_batch=512, verbose=False)
+def prefill():
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(ids)
+    return time.perf_counter() - start
+first = prefill()
+pre = statistics.median(prefill() for _ in range(repeats))
+runs = []
+for _ in range(repeats):
+    prefill()
+    tokens = [int(llm.sample(temp=0.0))]
+    start = time.perf_counter()
+    for _ in range(n_new - 1):
+        llm.eval([tokens[-1]])
+        tokens.append(int(llm.sample(temp=0.0)))
+    runs.append(time.perf_counter() - start)
+print(json.dumps({"version": llama_cpp.__version__, "first_prefill_s": first, "prefill_s": pre,
+                  "steps_s": statistics.median(runs), "tokens": tokens,
+                  "loadavg": os.getloadavg()}))
+"""
+
+
+def llama_cpp_available(site: str | None) -> str | None:
+    """llama_cpp's version if a child process can import it (with `site`, another
+    venv's site-packages, appended to its sys.path), else None."""
+    if site and not os.path.isdir(site):
+        raise SystemExit(f"--llamacpp-site {site}: no such directory")
+    code = (f"import sys; sys.path.append({site!r}); " if site else "") + \
+        "import llama_cpp; print(llama_cpp.__version__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def bench_llamacpp(site, name, path, ids, n_new, repeats, threads) -> Result:
+    """llama.cpp on the same file and ids, in a child process of its own (so that no
+    XLA thread pool shares its cores): prefill = eval(prompt) after reset; decode =
+    greedy sample + eval of one token, N - 1 times (its per-token cost, as jaxllama's)."""
+    res = subprocess.run(
+        [sys.executable, "-c", LLAMACPP_CHILD, site or "", str(path), str(threads), str(n_new),
+         str(repeats)], input=json.dumps(list(ids)), capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"llama.cpp child failed:\n{res.stderr[-3000:]}")
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    r = Result(name, "llama.cpp", "gguf", len(ids), n_new)
+    r.first_prefill_s, r.prefill_s = got["first_prefill_s"], got["prefill_s"]
+    # Expressed as generate(N) - generate(1) = the N - 1 decode steps, as for the others.
+    r.first_generate_s, r.generate1_s, r.generate_s = 0.0, 0.0, got["steps_s"]
+    r.tokens = got["tokens"]
+    r.generated = len(r.tokens)
+    r.loadavg = tuple(got["loadavg"])
+    return r
+
+
 def _f(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -262,6 +341,13 @@ def main(argv=None) -> None:
                    help="weights/activations dtype, for both libraries (default float32)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per figure (median)")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--weights", nargs="+", default=None,
+                   help="jaxllama weight storages to run, e.g. f32 int8 native int4 (default: "
+                        "dense at --dtype)")
+    p.add_argument("--llamacpp-site", default=None,
+                   help="site-packages of a venv holding llama-cpp-python (appended to sys.path)")
+    p.add_argument("--llamacpp-threads", type=int, default=2)
+    p.add_argument("--skip-llamacpp", action="store_true")
     p.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                    help="torch.set_num_threads for transformers (default: the CPU count)")
     args = p.parse_args(argv)
@@ -279,17 +365,38 @@ def main(argv=None) -> None:
     print(f"prompt: first {args.prompt_tokens} tokens of a fixed Python-module text; "
           f"{args.new_tokens} new tokens, greedy, batch 1, {args.dtype}; {args.repeats} repeats (median)")
 
+    llama_cpp = None if args.skip_llamacpp else llama_cpp_available(args.llamacpp_site)
+    print("llama.cpp: " + (f"llama_cpp {llama_cpp} ({args.llamacpp_site or 'this environment'}), "
+                           f"{args.llamacpp_threads} threads, in a child process" if llama_cpp
+                           else "not importable (skipped)"))
     results: list[Result] = []
     notes: list[str] = []
     for name in args.model or MODELS:
         path = hub.pull(name, progress=False)
         print(f"\n== {name}", flush=True)
-        r, ids, eos = bench_jax(name, path, args.dtype, args.prompt_tokens, args.new_tokens, args.repeats)
-        results.append(r)
-        print_result(r)
-        if r.generated != args.new_tokens:
-            notes.append(f"{name}: jaxllama stopped at EOS after {r.generated} of {args.new_tokens} "
-                         "tokens; its decode figure then covers fewer steps")
+        mine = []
+        for weights in args.weights or [None]:
+            r, ids, eos = bench_jax(name, path, args.dtype, args.prompt_tokens, args.new_tokens,
+                                    args.repeats, weights)
+            results.append(r)
+            mine.append(r)
+            print_result(r)
+            if r.generated != args.new_tokens:
+                notes.append(f"{name}: jaxllama stopped at EOS after {r.generated} of {args.new_tokens} "
+                             "tokens; its decode figure then covers fewer steps")
+            gc.collect()
+        r = mine[0]
+        if llama_cpp is not None:
+            ref = bench_llamacpp(args.llamacpp_site, name, path, ids, args.new_tokens, args.repeats,
+                                 args.llamacpp_threads)
+            results.append(ref)
+            print_result(ref)
+            for m in mine:
+                notes.append(f"{name}: jaxllama {m.dtype} / llama.cpp: prefill "
+                             f"{m.prefill_tps / ref.prefill_tps:.2f}x, decode (device loop) "
+                             f"{_f(m.decode_tps and m.decode_tps / ref.decode_tps, '.2f')}x, decode "
+                             f"(stepped) {_f(m.step_s and 1 / m.step_s / ref.decode_tps, '.2f')}x; "
+                             f"{compare_tokens(m, ref)}")
         if not args.skip_transformers:
             h = bench_hf(name, path, args.dtype, ids, args.new_tokens, args.repeats, eos)
             results.append(h)
@@ -298,6 +405,8 @@ def main(argv=None) -> None:
         gc.collect()
 
     v = {"jax": jax.__version__}
+    if llama_cpp is not None:
+        v["llama-cpp-python"] = llama_cpp
     if not args.skip_transformers:
         import torch
         import transformers
@@ -310,7 +419,7 @@ def main(argv=None) -> None:
           "generate; stepped = jaxllama's host-stepped adapter.decode, one call per token.")
     for n in notes:
         print("Note: " + n)
-    header = (f"{'model':<28} {'impl':<12} {'dtype':<8} {'compile s':>9} {'prefill tok/s':>13} "
+    header = (f"{'model':<28} {'impl':<12} {'weights':<8} {'compile s':>9} {'prefill tok/s':>13} "
               f"{'decode tok/s':>12} {'stepped tok/s':>13} {'generated':>9} {'load':>5}")
     print(header)
     print("-" * len(header))

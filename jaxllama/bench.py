@@ -264,6 +264,7 @@ class ImplResult:
     backend_compile_s: float = 0.0
     compile_count: int = 0
     ttft_s: float | None = None
+    stepped_s: float | None = None  # batch 1, host-stepped adapter.decode, per token
     batches: list[BatchResult] = dataclasses.field(default_factory=list)
     session_compiles: list[tuple[str, float]] = dataclasses.field(default_factory=list)
 
@@ -355,6 +356,11 @@ def bench_impl(model: LoadedModel, impl: str | None, label: str, args, log: Comp
             f"(per step; one token per row); bytes read per step {_gb(br.weight_bytes + br.kv_bytes)} "
             f"(weights {_gb(br.weight_bytes)} + KV cache filled so far {_gb(br.kv_bytes)}, mean over "
             f"the steps) = {br.fraction:.3f} of the copy bandwidth")
+        if b == 1:
+            result.stepped_s = stepped_seconds(adapter, rows1[0], n, args.repeats)
+            out(f"{tag} batch 1 host-stepped (adapter.decode per token, as stream/chat run): "
+                f"{1 / result.stepped_s:,.1f} tokens/s, {result.stepped_s * 1e3:.3f} ms/token; "
+                f"device loop above: {br.step_s * 1e3:.3f} ms/token")
 
     # compile count: a session of varied prompt lengths, after the runs above.
     lengths = args.session_lengths
@@ -370,6 +376,22 @@ def bench_impl(model: LoadedModel, impl: str | None, label: str, args, log: Comp
     out(f"{tag} compile session: prompt lengths {' '.join(map(str, lengths))} ({n} new tokens each, "
         f"batch 1) in {elapsed:.2f} s: {summarize_compiles(result.session_compiles)}")
     return result
+
+
+def stepped_seconds(adapter: LlamaInferenceAdapter, prompt: list[int], n: int, repeats: int) -> float:
+    """Median seconds per token of the host-stepped path: prefill, then n - 1 calls of
+    `adapter.decode` (each returns a host int, so each is synchronised), as `stream` runs."""
+    out, state = adapter.prefill(prompt)
+    _, state = adapter.decode(out[-1], state)  # compile the step
+    samples = []
+    for _ in range(repeats):
+        out, state = adapter.prefill(prompt)
+        token = out[-1]
+        start = time.perf_counter()
+        for _ in range(n - 1):
+            token, state = adapter.decode(token, state)
+        samples.append((time.perf_counter() - start) / (n - 1))
+    return statistics.median(samples)
 
 
 def _gb(nbytes: float) -> str:
@@ -512,6 +534,10 @@ def summary_table(results: list[ImplResult], args) -> list[str]:
                 str(len(r.session_compiles)) if first else "",
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    stepped = [f"{r.impl} {1 / r.stepped_s:,.1f} tokens/s ({r.stepped_s * 1e3:.3f} ms/token)"
+               for r in results if r.stepped_s]
+    if stepped:
+        lines.append("batch 1 host-stepped (adapter.decode per token): " + "; ".join(stepped))
     return lines
 
 

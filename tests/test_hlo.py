@@ -6,11 +6,16 @@
 - Layer weights are read where they lie: no copy, transpose or slice of a weight
   parameter in the entry computation of decode_step or of the on-device generate loop
   (scanning stacked layer weights is what produced such slices; layers are unrolled).
+- Quantized weights stay quantized on the CPU: no computation outside a fusion (the
+  entry, the loop bodies) makes a float array with as many elements as a quantized
+  weight, in decode_step or in the generate loop, at batch 1 and 3 (issue 20: XLA
+  hoisted the loop-invariant dequantize out of the loop and kept every weight dense).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -21,6 +26,9 @@ from jaxllama import generation
 from jaxllama.models.llama import Llama3Config
 from jaxllama.models.random_weights import random_model
 from jaxllama.models.transformer import KVCache, decode_step
+from jaxllama.models.weights import quantize_params
+from jaxllama.quant import QuantizedWeight
+from jaxllama.pallas.quant_matmul import quant_matmul_reference
 
 LAYERS = 3
 
@@ -142,3 +150,78 @@ def test_generate_loop_keeps_weights_in_place(model):
     n_params = len(jax.tree_util.tree_leaves(model.params))
     cache_params = set(range(n_params + 1, n_params + 1 + 2 * LAYERS))
     assert cache_params <= _aliased_params(hlo), "a K/V cache input is not aliased to an output"
+
+
+# ----------------------------------------------------------------- quantized weights
+
+
+def _quantized_leaves(tree) -> list[QuantizedWeight]:
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    return [w for w in leaves if isinstance(w, QuantizedWeight)]
+
+
+def _dense_weight_buffers(hlo: str, weights: list[QuantizedWeight]) -> list[str]:
+    """Instructions outside fused computations (so: buffers XLA allocates) that make a
+    float array of 2+ dims with as many elements as a quantized weight and its out or
+    in dim first: the weight dense, as (out, in), (in, out) or (out, blocks, 32)."""
+    sizes = set()
+    for w in weights:
+        for n in (w.shape[0] * w.shape[1], w.shape[0] * w.in_padded):
+            sizes |= {(n, w.shape[0]), (n, w.shape[1]), (n, w.in_padded)}
+    bad, in_fusion = [], False
+    for line in hlo.splitlines():
+        if line.startswith(("%", "ENTRY")) and line.rstrip().endswith("{"):
+            in_fusion = line.startswith("%fused") or "fused_computation" in line.split("(")[0]
+            continue
+        m = re.search(r"= (f32|bf16|f16|f64)\[(\d+(?:,\d+)+)\]", line)
+        if m and not in_fusion:
+            dims = [int(d) for d in m.group(2).split(",")]
+            if (math.prod(dims), dims[0]) in sizes:
+                bad.append(line.strip()[:160])
+    return bad
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized(request, model):
+    return quantize_params(model.params, request.param)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_keeps_quantized_weights_quantized(quantized, model, batch):
+    cfg = model.config
+    cache = KVCache.for_params(quantized, cfg, batch, 64)
+    hlo = decode_step.lower(quantized, jnp.zeros((batch,), jnp.int32), cache, config=cfg).compile().as_text()
+    weights = _quantized_leaves(quantized)
+    assert len(weights) == 7 * LAYERS + 1
+    assert _dense_weight_buffers(hlo, weights) == []
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generate_loop_keeps_quantized_weights_quantized(quantized, model, batch):
+    from jaxllama.models.adapter import MODEL_FUNCTIONS, AdapterForwardConfig
+
+    cfg = model.config
+    cache = KVCache.for_params(quantized, cfg, batch, 64)
+    spec, sampling = AdapterForwardConfig().sampler()
+    args = (quantized, jnp.zeros((batch,), jnp.int32), cache, jax.random.PRNGKey(0), sampling, None,
+            jnp.full((batch,), 8, jnp.int32), jnp.asarray([0], jnp.int32))
+    hlo = generation.generate_loop.lower(
+        *args, model_fn=MODEL_FUNCTIONS[cfg.model_type].forward, config=cfg, spec=spec,
+        attention_impl="xla", out_len=64).compile().as_text()
+    assert any(" while(" in line for line in _entry(hlo))
+    assert _dense_weight_buffers(hlo, _quantized_leaves(quantized)) == []
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_the_check_sees_a_hoisted_dequantize(kind):
+    """The detector is not blind: the dequantize-then-dot twin inside a loop is hoisted
+    by XLA and kept dense, and is caught."""
+    from jaxllama.quant import quantize
+
+    w = quantize(jnp.ones((256, 96)), kind)
+
+    def loop(w, x):
+        return jax.lax.fori_loop(0, 4, lambda i, h: jnp.tanh(quant_matmul_reference(h, w)[:, :96]), x)
+
+    hlo = jax.jit(loop).lower(w, jnp.ones((2, 96))).compile().as_text()
+    assert _dense_weight_buffers(hlo, [w]) != []

@@ -343,3 +343,20 @@ def test_qlinear_refuses_bad_calls(rng):
     )
     with pytest.raises(InvalidRequestError, match="scales is float32"):
         quant_matmul(jnp.zeros((2, 40)), bad, interpret=True)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 4, 5, 33])
+def test_cpu_chunks_and_row_matvecs_match_float64(kind, rows, rng, monkeypatch):
+    """The CPU path's two forms (per-row fused matvec for int8 up to 4 rows; chunks of
+    w's rows otherwise), with chunks of 7 rows over 50 outputs: 7 full chunks and a
+    remainder of 1, and an in dim (70) that is padded."""
+    from jaxllama.quant import matmul
+
+    w = quantize(random_weights(rng, (50, 70)), kind)
+    monkeypatch.setattr(matmul, "CPU_CHUNK_BYTES", 4 * w.in_padded * 7)
+    x = jnp.asarray(rng.standard_normal((rows, 70)), jnp.float32)
+    got = jax.jit(matmul.cpu_qlinear)(x, w)
+    chex.assert_shape(got, (rows, 50))
+    dense64 = np.asarray(w.dequantize(jnp.float32), np.float64)
+    assert_close_to_twin(got, np.asarray(x, np.float64) @ dense64.T, x, w)

@@ -47,7 +47,7 @@ from jaxllama.errors import (
 from jaxllama.models import transformer
 from jaxllama.models.config import ModelConfig, ModelType
 from jaxllama.models.transformer import KVCache
-from jaxllama.models.weights import LoadedModel, load_gguf
+from jaxllama.models.weights import LoadedModel, default_weights, load_gguf
 from jaxllama.sampling import SamplingParams, spec_for
 from jaxllama.sharding import ShardingPlan
 from jaxllama.sharding import to_host as _host
@@ -283,6 +283,7 @@ class LlamaInferenceAdapter:
                 f"from_gguf takes a path or a packaged model name, got {type(path_or_name).__name__}"
             )
         path = hub.resolve(path_or_name)
+        weights = default_weights(dtype) if weights is None else weights  # int8 on the CPU
         return cls.from_model(load_gguf(path, config, dtype=dtype, weights=weights,
                                         progress=progress, mesh=mesh), **kwargs)
 

@@ -69,6 +69,19 @@ def default_dtype():
 DENSE_WEIGHTS = dict(zip(params_spec.DENSE_WEIGHTS, (jnp.float32, jnp.bfloat16, jnp.float16)))
 QUANTIZED_WEIGHTS = params_spec.QUANTIZED_WEIGHTS
 WEIGHT_OPTIONS = params_spec.WEIGHT_OPTIONS
+# The storage when neither `weights=` nor `dtype=` is given, on the CPU; None = dense
+# float32. Chosen from the CPU decode measurements (benchmarks/RESULTS.md, "CPU
+# decode"): int8 halves peak memory and speeds SmolLM2 up, but Qwen2.5's int8 decode was
+# slower than float32 there, so the default stays dense; "int8" here switches it.
+CPU_DEFAULT_WEIGHTS: str | None = None
+
+
+def default_weights(dtype: Any = None) -> str | None:
+    """`LlamaInferenceAdapter.from_gguf`'s storage when `weights=` is not given:
+    CPU_DEFAULT_WEIGHTS on the CPU when no `dtype` is asked for either, else dense."""
+    if dtype is None and jax.default_backend() == "cpu":
+        return CPU_DEFAULT_WEIGHTS
+    return None
 
 
 def _field_mode(field: str, mode: str, qtype) -> str:
