@@ -68,6 +68,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxllama.errors import InvalidRequestError, library_errors
 from jaxllama.pallas.flash_attention import (
     LOG2E,
     MASK_VALUE,
@@ -77,7 +78,7 @@ from jaxllama.pallas.flash_attention import (
     online_softmax_update,
     triton_compiler_params,
 )
-from jaxllama.errors import InvalidRequestError, library_errors
+from jaxllama.pallas.reference import attention_mask
 
 # 64 keys per tile for 2-byte inputs: a K and a V tile are 16 KiB each at H = 128, as
 # in `decode_attention`; with 16- or 64-token pages a tile is then one contiguous slice
@@ -409,8 +410,7 @@ def paged_attention_reference(
     q_pos = q_offset[:, None] + jnp.arange(seq_q)[None, :]  # (B, T)
     slots = jnp.arange(seq_k)
     key_ok = slots[None, :] < lengths[:, None]  # (B, S)
-    valid = key_ok[:, None, :] & (slots[None, None, :] <= q_pos[:, :, None])  # (B, T, S)
-    valid = valid[:, None, None]  # (B, 1, 1, T, S)
+    valid = attention_mask(q_pos, lengths, seq_k)[:, None, None]  # (B, 1, 1, T, S): the one rule
     logits = jnp.where(valid, logits, -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # queries with no valid key: keep exp() NaN-free
