@@ -182,8 +182,9 @@ def cpu_qlinear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
         # final RMSNorm's reduction, once per vocab row, made Qwen's decode 20x slower).
         # A conditional on the always-true `keep` is a boundary no fusion crosses.
         # `keep` comes out of it too, a scalar buffer: computed inside the fusion, it was
-        # recomputed for every code.
-        xf, keep = jax.lax.cond(keep, lambda v, k: (v, k), lambda v, k: (jnp.zeros_like(v), k), xf, keep)
+        # recomputed for every code. (The never-taken branch returns ``~k``: were both
+        # branches to return k, XLA would forward it past the conditional and fuse it again.)
+        xf, keep = jax.lax.cond(keep, lambda v, k: (v, k), lambda v, k: (jnp.zeros_like(v), ~k), xf, keep)
         nb = w.scales.shape[1]
         parts = -(-w.in_padded // CPU_MATVEC_MAX_COLS)
         bounds = [nb * p // parts for p in range(parts + 1)]  # block columns of each part
