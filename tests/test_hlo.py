@@ -225,3 +225,35 @@ def test_the_check_sees_a_hoisted_dequantize(kind):
 
     hlo = jax.jit(loop).lower(w, jnp.ones((2, 96))).compile().as_text()
     assert _dense_weight_buffers(hlo, [w]) != []
+
+
+# Qwen2.5-0.5B's shapes that SmolLM2 lacks: a q/k/v projection with a bias, and an FFN
+# down projection whose row (4864) is longer than XLA's CPU fuses into a matvec (a
+# 16 KiB vector). Both were made dense on every step (RESULTS.md, "Qwen int8").
+_QWEN_SHAPES = [((128, 896), True), ((896, 4864), False), ((896, 4864), True)]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize(("shape", "bias"), _QWEN_SHAPES)
+def test_a_biased_or_long_row_int8_matvec_stays_quantized(shape, bias, rows):
+    from jaxllama.models.transformer import linear
+    from jaxllama.quant import quantize
+
+    w = quantize(jax.random.normal(jax.random.PRNGKey(0), shape), "int8")
+    b = jnp.ones((shape[0],)) if bias else None
+    # the residual add after it, as in the layer (another consumer XLA may fuse into the dot)
+    step = jax.jit(lambda x, w, b: x[:, :1] + linear(jnp.tanh(x), w, b))
+    hlo = step.lower(jnp.ones((rows, shape[1])), w, b).compile().as_text()
+    assert _dense_weight_buffers(hlo, [w]) == []
+
+
+def test_the_check_sees_a_long_row_matvec_made_dense():
+    """The detector is not blind at the long-row shape: one plain ``x @ dequant(w).T``
+    over a 4864-wide row is written dense by XLA's CPU, and is caught."""
+    from jaxllama.quant import quantize
+
+    w = quantize(jnp.ones((896, 4864)), "int8")
+    keep_x = lambda x, w: x @ (w.q.astype(jnp.float32).reshape(896, -1, 32)  # noqa: E731
+                               * w.scales.astype(jnp.float32)[..., None]).reshape(896, 4864).T
+    hlo = jax.jit(keep_x).lower(jnp.ones((1, 4864)), w).compile().as_text()
+    assert _dense_weight_buffers(hlo, [w]) != []

@@ -360,3 +360,19 @@ def test_cpu_chunks_and_row_matvecs_match_float64(kind, rows, rng, monkeypatch):
     chex.assert_shape(got, (rows, 50))
     dense64 = np.asarray(w.dequantize(jnp.float32), np.float64)
     assert_close_to_twin(got, np.asarray(x, np.float64) @ dense64.T, x, w)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cpu_matvec_split_over_columns_matches_float64(rows, rng):
+    """int8 rows longer than `CPU_MATVEC_MAX_COLS`: the fused matvec is split into
+    column parts of whole blocks and summed. 4150 columns are padded to 130 blocks,
+    cut into parts of 43, 43 and 44 blocks."""
+    from jaxllama.quant import matmul
+
+    assert matmul.CPU_MATVEC_MAX_COLS < 4150 <= 3 * matmul.CPU_MATVEC_MAX_COLS
+    w = quantize(random_weights(rng, (40, 4150)), "int8")
+    x = jnp.asarray(rng.standard_normal((rows, 4150)), jnp.float32)
+    got = jax.jit(matmul.cpu_qlinear)(x, w)
+    chex.assert_shape(got, (rows, 40))
+    dense64 = np.asarray(w.dequantize(jnp.float32), np.float64)
+    assert_close_to_twin(got, np.asarray(x, np.float64) @ dense64.T, x, w)

@@ -53,6 +53,13 @@ CPU_CHUNK_BYTES = 2 << 20
 # above); int4 codes are not (their nibble unpacking vectorizes badly inside the fused
 # dot, 2-4 ms per 4864 x 896 matrix against 0.2-0.3 for int8) and always go by chunks.
 CPU_MATVEC_MAX_ROWS = 4
+# At most this many columns of the codes per fused matvec: XLA's CPU backend fuses a
+# matvec's producers (the dequantize) into it only while the vector is under 16 KiB
+# (4096 float32; `kFusionThresholdBytes` in its instruction fusion). A longer row,
+# such as Qwen2.5-0.5B's 4864-wide FFN down projection, was made dense (transposed)
+# and then multiplied: 5.2 ms against 0.22 for float32 (RESULTS.md, "Qwen int8").
+# So the contraction is split into column parts of whole blocks, one fused matvec each.
+CPU_MATVEC_MAX_COLS = 2048
 
 
 def qlinear(x: jax.Array, w: QuantizedWeight | jax.Array, *, impl: str = "xla") -> jax.Array:
@@ -141,7 +148,8 @@ def cpu_qlinear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
 
     Up to `CPU_MATVEC_MAX_ROWS` rows of x times int8 codes: ``x[r] @ dequant(w).T`` per
     row, which XLA's CPU backend emits as one loop fusion over the codes (the lead in
-    ../shared/leads/, checked on the whole decode step by tests/test_hlo.py).
+    ../shared/leads/, checked on the whole decode step by tests/test_hlo.py); rows
+    longer than `CPU_MATVEC_MAX_COLS` as a sum of such matvecs over column parts.
     Otherwise: `lax.map` over chunks of at most `CPU_CHUNK_BYTES` dense bytes and half
     of w's rows (plus one static remainder chunk), each dequantized and multiplied by
     all of x's rows.
@@ -174,9 +182,22 @@ def cpu_qlinear(x: jax.Array, w: QuantizedWeight) -> jax.Array:
         # final RMSNorm's reduction, once per vocab row, made Qwen's decode 20x slower).
         # A conditional on the always-true `keep` is a boundary no fusion crosses.
         # `keep` comes out of it too, a scalar buffer: computed inside the fusion, it was
-        # recomputed for every code.
-        xf, keep = jax.lax.cond(keep, lambda v, k: (v, k), lambda v, k: (jnp.zeros_like(v), k), xf, keep)
-        rows_out = [xf[r:r + 1] @ _dense_rows(*leaves, w.kind, x.dtype, keep).T for r in range(rows)]
+        # recomputed for every code. (The never-taken branch returns ``~k``: were both
+        # branches to return k, XLA would forward it past the conditional and fuse it again.)
+        xf, keep = jax.lax.cond(keep, lambda v, k: (v, k), lambda v, k: (jnp.zeros_like(v), ~k), xf, keep)
+        nb = w.scales.shape[1]
+        parts = -(-w.in_padded // CPU_MATVEC_MAX_COLS)
+        bounds = [nb * p // parts for p in range(parts + 1)]  # block columns of each part
+
+        def matvec(r: int, b0: int, b1: int) -> jax.Array:
+            c0, c1 = b0 * w.block, b1 * w.block
+            dense = _dense_rows(w.q[:, c0:c1], w.scales[:, b0:b1], None, w.kind, x.dtype, keep)
+            # A barrier after each product: else XLA fuses its consumer (a bias add, the
+            # sum of the parts) into the dot as an output fusion, which takes no
+            # producers, and the dequantized weight is written dense again.
+            return jax.lax.optimization_barrier(xf[r:r + 1, c0:c1] @ dense.T)
+
+        rows_out = [sum(matvec(r, b0, b1) for b0, b1 in zip(bounds, bounds[1:])) for r in range(rows)]
         y = jnp.concatenate(rows_out, axis=0) if rows != 1 else rows_out[0]
     else:
         # At least two chunks, so that no dense temporary has the whole weight's shape.
