@@ -70,9 +70,9 @@ DENSE_WEIGHTS = dict(zip(params_spec.DENSE_WEIGHTS, (jnp.float32, jnp.bfloat16, 
 QUANTIZED_WEIGHTS = params_spec.QUANTIZED_WEIGHTS
 WEIGHT_OPTIONS = params_spec.WEIGHT_OPTIONS
 # The storage when neither `weights=` nor `dtype=` is given, on the CPU; None = dense
-# float32. Chosen from the CPU decode measurements (benchmarks/RESULTS.md, "CPU
-# decode"): int8 halves peak memory and speeds SmolLM2 up, but Qwen2.5's int8 decode was
-# slower than float32 there, so the default stays dense; "int8" here switches it.
+# float32, so that the default outputs are the float32 model's: int8 decodes faster and
+# holds less memory but prefills slower and can change greedy text (benchmarks/RESULTS.md,
+# "CPU decode"; README, "Quantized weights"). "int8" here switches it.
 CPU_DEFAULT_WEIGHTS: str | None = None
 
 
