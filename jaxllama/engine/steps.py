@@ -36,15 +36,8 @@ from jaxllama import backend
 from jaxllama.engine.paged_cache import NO_PAGE, PagedKVCache
 from jaxllama.engine.spec import EngineSpec, EngineState, SlotRequest
 from jaxllama.errors import EngineSpecError
-from jaxllama.models.transformer import (
-    Params,
-    apply_rope,
-    linear,
-    rms_norm,
-    rope_tables,
-)
+from jaxllama.models.transformer import Params, decoder_layers, output_logits, rope_tables
 from jaxllama.pallas.paged_attention import paged_attention, paged_attention_reference
-from jaxllama.quant import QuantizedWeight, qlinear
 
 Array = jax.Array
 
@@ -61,15 +54,6 @@ def _paged_attention(spec: EngineSpec, q, k_pages, v_pages, block_table, kv_leng
                            sm_scale=sm_scale, interpret=spec.attention_impl == "pallas_interpret")
 
 
-def _output_logits(params: Params, x: Array, mm: str) -> Array:
-    # TODO(merge): the same as the tail of transformer.forward (inline there, not a public
-    # function); unify into one shared `output_logits` when the adapter runs on the engine.
-    w_out = params.output_weight
-    if isinstance(w_out, QuantizedWeight):
-        return qlinear(x, w_out, impl=mm)
-    return jnp.einsum("...d,vd->...v", x, w_out, preferred_element_type=jnp.float32)
-
-
 def paged_forward(params: Params, tokens: Array, cache: PagedKVCache, block_table: Array,
                   start: Array, num_new: Array, *, spec: EngineSpec) -> tuple[Array, PagedKVCache]:
     """Run `tokens` (B, T) at positions start[b] + t through the model, writing their keys
@@ -79,16 +63,11 @@ def paged_forward(params: Params, tokens: Array, cache: PagedKVCache, block_tabl
     this chunk, causal). Returns float32 logits (B, V) at each row's last real token
     (undefined for a row with num_new 0) and the new cache.
 
-    The same block as `transformer.forward`, step for step (float32 residual stream,
-    norms, rope by absolute position, GQA attention, SwiGLU), with the dense
-    (B, K, S, H) cache replaced by the page pools.
-    TODO(merge): this is the second copy of the decoder loop; "one decode
-    implementation" means transformer.forward taking an attention/cache-writer hook so
-    that the adapter and the engine run the same function.
+    The layers are `transformer.decoder_layers`, the ones `transformer.forward` runs,
+    with the dense (B, K, S, H) cache replaced by the page pools in the `attend` step.
     """
     config = spec.config
-    b, t = tokens.shape
-    dtype = params.dtype
+    t = tokens.shape[1]
     mm = backend.as_policy(spec.attention_impl).matmul  # the one backend policy
     start = start.astype(jnp.int32)
     num_new = num_new.astype(jnp.int32)
@@ -98,26 +77,17 @@ def paged_forward(params: Params, tokens: Array, cache: PagedKVCache, block_tabl
     kv_lengths = start + num_new
 
     x = params.embed_rows(tokens)
-    for i, layer in enumerate(params.layers):
-        h = rms_norm(x, layer.attn_norm, config.rms_eps).astype(dtype)
-        q = linear(h, layer.wq, layer.bq, impl=mm).reshape(b, t, config.num_heads, config.head_dim)
-        k = linear(h, layer.wk, layer.bk, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
-        v = linear(h, layer.wv, layer.bv, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
-        q = apply_rope(q, cos, sin, config.rope_style)
-        k = apply_rope(k, cos, sin, config.rope_style)
-        cache = cache.write(i, k, v, block_table, start, num_new)
-        attn = _paged_attention(spec, q, cache.k[i], cache.v[i], block_table, kv_lengths, start,
-                                sm_scale)
-        x = x + linear(attn.reshape(b, t, config.q_dim), layer.wo, impl=mm).astype(jnp.float32)
-        h = rms_norm(x, layer.ffn_norm, config.rms_eps).astype(dtype)
-        gate = linear(h, layer.w_gate, impl=mm)
-        up = linear(h, layer.w_up, impl=mm)
-        x = x + linear(jax.nn.silu(gate) * up, layer.w_down, impl=mm).astype(jnp.float32)
 
+    def attend(i, q, k, v):
+        nonlocal cache
+        cache = cache.write(i, k, v, block_table, start, num_new)
+        return _paged_attention(spec, q, cache.k[i], cache.v[i], block_table, kv_lengths, start,
+                                sm_scale)
+
+    x = decoder_layers(params, x, cos, sin, attend, config=config, mm=mm)
     last = jnp.clip(num_new - 1, 0, t - 1)
     x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    x = rms_norm(x, params.final_norm, config.rms_eps).astype(dtype)
-    return _output_logits(params, x, mm), cache
+    return output_logits(params, x, config=config, mm=mm), cache
 
 
 # ----- per-slot sampling ----------------------------------------------------------------

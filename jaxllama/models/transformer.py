@@ -258,6 +258,42 @@ def _cudnn_attention(q, k, v, positions, kv_lengths, *, sm_scale):
     )
 
 
+def decoder_layers(params: Params, x: Array, cos: Array, sin: Array, attend, *,
+                   config: ModelConfig, mm: str) -> Array:
+    """The layer stack over the float32 residual stream x (B, T, D), rotary tables for the
+    T positions. `attend(i, q, k, v)` gets layer i's rotated queries (B, T, N, H) and new
+    keys and values (B, T, K, H), stores the keys and values wherever its caller keeps its
+    cache (dense or paged), and returns the attention output (B, T, N, H). The residual
+    stream stays in float32 whatever the weights' dtype; each block's input is cast to
+    the weights' dtype after its norm (bf16 drifts far less this way). Returns x."""
+    dtype = params.dtype
+    b, t = x.shape[:2]
+    for i, layer in enumerate(params.layers):
+        h = rms_norm(x, layer.attn_norm, config.rms_eps).astype(dtype)
+        q = linear(h, layer.wq, layer.bq, impl=mm).reshape(b, t, config.num_heads, config.head_dim)
+        k = linear(h, layer.wk, layer.bk, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
+        v = linear(h, layer.wv, layer.bv, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
+        q = apply_rope(q, cos, sin, config.rope_style)
+        k = apply_rope(k, cos, sin, config.rope_style)
+        attn = attend(i, q, k, v)
+        x = x + linear(attn.reshape(b, t, config.q_dim), layer.wo, impl=mm).astype(jnp.float32)
+        h = rms_norm(x, layer.ffn_norm, config.rms_eps).astype(dtype)
+        gate = linear(h, layer.w_gate, impl=mm)
+        up = linear(h, layer.w_up, impl=mm)
+        x = x + linear(jax.nn.silu(gate) * up, layer.w_down, impl=mm).astype(jnp.float32)
+    return x
+
+
+def output_logits(params: Params, x: Array, *, config: ModelConfig, mm: str) -> Array:
+    """The final norm and the output projection (tied or not): x (..., D) float32 ->
+    (..., V) float32 logits."""
+    x = rms_norm(x, params.final_norm, config.rms_eps).astype(params.dtype)
+    w_out = params.output_weight
+    if isinstance(w_out, QuantizedWeight):
+        return qlinear(x, w_out, impl=mm)
+    return jnp.einsum("...d,vd->...v", x, w_out, preferred_element_type=jnp.float32)
+
+
 def forward(
     params: Params,
     tokens: Array,
@@ -283,8 +319,7 @@ def forward(
     `jaxllama.sharding.ShardingPlan`, pins the new cache to the plan's layout when the
     arrays live on a mesh.
     """
-    b, t = tokens.shape
-    dtype = params.dtype
+    t = tokens.shape[1]
     policy = backend.as_policy(attention_impl, shard)
     mm = policy.matmul
     num_new = num_new.astype(jnp.int32)
@@ -294,42 +329,26 @@ def forward(
     sm_scale = 1.0 / float(np.sqrt(config.head_dim))
     s_read = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
 
-    # The residual stream stays in float32 whatever the weights' dtype; each block's input
-    # is cast to the weights' dtype after its norm (bf16 drifts far less this way).
     x = params.embed_rows(tokens)
     new_k, new_v = [], []
-    for i, layer in enumerate(params.layers):
-        h = rms_norm(x, layer.attn_norm, config.rms_eps).astype(dtype)
-        q = linear(h, layer.wq, layer.bq, impl=mm).reshape(b, t, config.num_heads, config.head_dim)
-        k = linear(h, layer.wk, layer.bk, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
-        v = linear(h, layer.wv, layer.bv, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
-        q = apply_rope(q, cos, sin, config.rope_style)
-        k = apply_rope(k, cos, sin, config.rope_style)
+
+    def attend(i, q, k, v):
         k_cache = _write_cache(cache.k[i], jnp.swapaxes(k, 1, 2), positions)
         v_cache = _write_cache(cache.v[i], jnp.swapaxes(v, 1, 2), positions)
         if shard is not None:
             k_cache, v_cache = shard.constrain_cache(k_cache), shard.constrain_cache(v_cache)
         new_k.append(k_cache)
         new_v.append(v_cache)
-        attn = _attention(
+        return _attention(
             policy, q, k_cache[:, :, :s_read], v_cache[:, :, :s_read], start, num_new,
             positions, config, sm_scale,
         )
-        x = x + linear(attn.reshape(b, t, config.q_dim), layer.wo, impl=mm).astype(jnp.float32)
-        h = rms_norm(x, layer.ffn_norm, config.rms_eps).astype(dtype)
-        gate = linear(h, layer.w_gate, impl=mm)
-        up = linear(h, layer.w_up, impl=mm)
-        x = x + linear(jax.nn.silu(gate) * up, layer.w_down, impl=mm).astype(jnp.float32)
 
+    x = decoder_layers(params, x, cos, sin, attend, config=config, mm=mm)
     if not all_logits:
         last = jnp.clip(num_new - 1, 0, t - 1)
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    x = rms_norm(x, params.final_norm, config.rms_eps).astype(dtype)
-    w_out = params.output_weight
-    if isinstance(w_out, QuantizedWeight):
-        logits = qlinear(x, w_out, impl=mm)
-    else:
-        logits = jnp.einsum("...d,vd->...v", x, w_out, preferred_element_type=jnp.float32)
+    logits = output_logits(params, x, config=config, mm=mm)
     new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=start + num_new)
     return logits, new_cache
 
