@@ -41,12 +41,12 @@ def run_engine(adapter, spec, prompts, new):
             state, logits = steps.prefill_chunk(params, state, np.int32(slot), tokens,
                                                 np.int32(c0), np.int32(len(chunk)), spec)
         request = SlotRequest.create(spec, max_tokens=new)
-        state, _ = steps.insert(state, np.int32(slot), logits, request, spec)
+        state, _, _ = steps.insert(state, np.int32(slot), logits, request, spec)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     count = 0
     for _ in range(math.ceil((new - 1) / spec.decode_steps)):
-        state, tokens, valid = steps.decode(params, state, spec)
+        state, tokens, valid, _ = steps.decode(params, state, spec)
         count += int(np.asarray(valid).sum())
     return count, time.perf_counter() - t0
 

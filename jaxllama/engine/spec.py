@@ -29,6 +29,8 @@ Array = jax.Array
 ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret")
 # Marks an unused entry of a slot's stop ids (no token id is negative).
 NO_STOP = -1
+# OpenAI's limit on top_logprobs (and vLLM's default max_logprobs).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,9 @@ class EngineSpec:
         paged Pallas kernel, compiled or interpreted).
       decode_steps: N, decode steps per `decode` dispatch.
       max_stop_ids: E, stop token ids a slot can hold (EOS included).
+      top_logprobs: K, the most top log-probabilities a request can ask for; `insert`
+        and `decode` return the K best tokens' log-probabilities of every step (0: none,
+        only the sampled token's log-probability).
     """
 
     config: ModelConfig
@@ -60,6 +65,7 @@ class EngineSpec:
     attention_impl: str = "xla"
     decode_steps: int = 8
     max_stop_ids: int = 4
+    top_logprobs: int = 0
 
     def __post_init__(self):
         def bad(field, value, expected):
@@ -70,6 +76,9 @@ class EngineSpec:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(field, value, "an integer >= 1")
+        if (isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int)
+                or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS):
+            bad("top_logprobs", self.top_logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}]")
         buckets = self.prefill_buckets
         if (not isinstance(buckets, tuple) or not buckets
                 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets)
@@ -157,30 +166,36 @@ class EngineSpec:
 class SlotRequest:
     """One request's settings as `insert` takes them (arrays, so none recompiles).
 
-    temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 are off, as in
-    `jaxllama.sampling`. `stop_ids` (E,) int32 holds EOS and any stop ids, padded with
-    NO_STOP; the stop token is emitted and counted, as `adapter.generate` does.
+    temperature 0 is greedy; top_k 0, top_p 1, min_p 0 and repetition_penalty 1 are
+    off, as in `jaxllama.sampling`. `stop_ids` (E,) int32 holds EOS and any stop ids,
+    padded with NO_STOP; the stop token is emitted and counted, as `adapter.generate`
+    does. `seen` (V,) bool marks the prompt's tokens, which the repetition penalty
+    counts as seen (transformers' rule, as the adapter).
     """
 
     temperature: Array  # () float32
     top_k: Array  # () int32
     top_p: Array  # () float32
     min_p: Array  # () float32
+    repetition_penalty: Array  # () float32
     seed: Array  # () uint32
     max_tokens: Array  # () int32, tokens to generate, the first (sampled at insert) included
     stop_ids: Array  # (E,) int32
+    seen: Array  # (V,) bool
 
     @classmethod
     def create(cls, spec: EngineSpec, *, max_tokens: int, stop_ids=(),
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               min_p: float = 0.0, seed: int = 0,
-               prompt_len: int | None = None) -> "SlotRequest":
+               min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int = 0,
+               prompt_len: int | None = None, prompt_ids=None) -> "SlotRequest":
         """A request's settings as arrays, checked first.
 
         The sampling settings follow the adapter's rules (`AdapterForwardConfig.validate`
         checks them, so the two cannot drift): temperature finite and >= 0, top_k an
-        integer >= 0, top_p in (0, 1], min_p in [0, 1), seed an integer in [0, 2**32).
-        With `prompt_len`, `spec.check_fits(prompt_len, max_tokens)` runs too.
+        integer >= 0, top_p in (0, 1], min_p in [0, 1), repetition_penalty finite and
+        > 0, seed an integer in [0, 2**32). With `prompt_len`,
+        `spec.check_fits(prompt_len, max_tokens)` runs too. `prompt_ids` (the prompt's
+        token ids) is needed when repetition_penalty is not 1: they count as seen.
 
         Raises:
           InvalidRequestError: a setting out of range, or (with prompt_len) a request
@@ -206,19 +221,34 @@ class SlotRequest:
             raise EngineSpecError(f"max_tokens is {max_tokens!r}; expected an integer >= 1")
         try:
             AdapterForwardConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                                 min_p=min_p, seed=seed).validate()
+                                 min_p=min_p, repetition_penalty=repetition_penalty,
+                                 seed=seed).validate()
         except InvalidRequestError as exc:
             raise InvalidRequestError(
                 str(exc).replace("AdapterForwardConfig.", "SlotRequest.", 1)
             ) from None
         if prompt_len is not None:
             spec.check_fits(prompt_len, max_tokens)
+        vocab = spec.config.vocab_size
+        seen = np.zeros((vocab,), bool)
+        if prompt_ids is not None:
+            ids = np.asarray(prompt_ids, np.int64).reshape(-1)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+                raise InvalidRequestError(
+                    f"SlotRequest: prompt_ids hold ids outside [0, {vocab}) (the vocabulary)"
+                )
+            seen[ids] = True
+        elif repetition_penalty != 1.0:
+            raise InvalidRequestError(
+                "SlotRequest: repetition_penalty is set but prompt_ids is not; expected the "
+                "prompt's token ids (the penalty counts them as seen)"
+            )
         stops = np.full((spec.max_stop_ids,), NO_STOP, np.int32)
         stops[: len(stop_ids)] = stop_ids
         return cls(
             temperature=np.float32(temperature), top_k=np.int32(top_k), top_p=np.float32(top_p),
-            min_p=np.float32(min_p), seed=np.uint32(seed), max_tokens=np.int32(max_tokens),
-            stop_ids=stops,
+            min_p=np.float32(min_p), repetition_penalty=np.float32(repetition_penalty),
+            seed=np.uint32(seed), max_tokens=np.int32(max_tokens), stop_ids=stops, seen=seen,
         )
 
 
@@ -247,6 +277,8 @@ class EngineState:
     top_k: Array  # (B,) int32
     top_p: Array  # (B,) float32
     min_p: Array  # (B,) float32
+    repetition_penalty: Array  # (B,) float32
+    seen: Array  # (B, V) bool, tokens of the prompt and output (for the repetition penalty)
 
     @classmethod
     def create(cls, spec: EngineSpec, dtype=jnp.float32) -> "EngineState":
@@ -268,5 +300,7 @@ class EngineState:
             top_k=jnp.zeros((b,), jnp.int32),
             top_p=jnp.ones((b,), jnp.float32),
             min_p=jnp.zeros((b,), jnp.float32),
+            repetition_penalty=jnp.ones((b,), jnp.float32),
+            seen=jnp.zeros((b, spec.config.vocab_size), bool),
         )
 

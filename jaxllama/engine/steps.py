@@ -20,8 +20,8 @@ static `SamplerSpec`: a filter whose value is "off" (top_k 0, top_p 1, min_p 0) 
 the logits exactly as the adapter's sampler does when that filter is not compiled in,
 and step t of a request draws with ``fold_in(PRNGKey(seed), t)`` (the first token at
 insert is step 0), so a request's tokens equal `LlamaInferenceAdapter.generate` of its
-prompt alone with the same settings. A repetition penalty is not supported yet (it
-needs a (B, V) seen-token table in the state).
+prompt alone with the same settings. The repetition penalty reads a (B, V) table of
+each slot's seen tokens (prompt and output), as the adapter's sampler does.
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxllama import backend
 from jaxllama.engine.paged_cache import NO_PAGE, PagedKVCache
 from jaxllama.engine.spec import EngineSpec, EngineState, SlotRequest
 from jaxllama.errors import EngineSpecError
+from jaxllama.sampling import apply_repetition_penalty
 from jaxllama.models.transformer import Params, decoder_layers, output_logits, rope_tables
 from jaxllama.pallas.paged_attention import paged_attention, paged_attention_reference
 
@@ -115,18 +117,51 @@ def _filter_row(logits: Array, temperature, top_k, top_p, min_p) -> Array:
 
 
 def sample_rows(logits: Array, keys: Array, steps: Array, temperature: Array, top_k: Array,
-                top_p: Array, min_p: Array) -> Array:
-    """Next token per row (B,) int32 from logits (B, V): argmax where temperature is 0,
-    else a draw with key ``fold_in(keys[b], steps[b])`` from the filtered logits."""
+                top_p: Array, min_p: Array, repetition_penalty: Array, seen: Array) -> Array:
+    """Next token per row (B,) int32 from logits (B, V): the repetition penalty over the
+    row's seen tokens (B, V) first, then argmax where temperature is 0, else a draw with
+    key ``fold_in(keys[b], steps[b])`` from the filtered logits (`jaxllama.sampling`'s
+    order)."""
 
-    def one(row, key, step, temp, k, p, mp):
-        row = row.astype(jnp.float32)
+    def one(row, key, step, temp, k, p, mp, penalty, row_seen):
+        row = apply_repetition_penalty(row.astype(jnp.float32), row_seen, penalty)
         greedy = temp <= 0.0
         filtered = _filter_row(row, jnp.where(greedy, 1.0, temp), k, p, mp)
         drawn = jax.random.categorical(jax.random.fold_in(key, step), filtered)
         return jnp.where(greedy, jnp.argmax(row), drawn).astype(jnp.int32)
 
-    return jax.vmap(one)(logits, keys, steps, temperature, top_k, top_p, min_p)
+    return jax.vmap(one)(logits, keys, steps, temperature, top_k, top_p, min_p,
+                         repetition_penalty, seen)
+
+
+@struct.dataclass
+class TokenLogprobs:
+    """Log-probabilities of the model's distribution (log-softmax of the raw logits,
+    before the penalty, temperature and filters: what OpenAI's and vLLM's `logprobs`
+    report) for sampled tokens. Leading axes as the tokens they go with; K is
+    spec.top_logprobs."""
+
+    logprob: Array  # (...,) float32, of the sampled token
+    top_ids: Array  # (..., K) int32, best first
+    top_logprobs: Array  # (..., K) float32
+
+
+def token_logprobs(logits: Array, tokens: Array, k: int) -> TokenLogprobs:
+    """logits (B, V), tokens (B,) -> TokenLogprobs with leading axis B."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    if k:
+        top, ids = jax.lax.top_k(logp, k)
+    else:
+        top = jnp.zeros(logp.shape[:-1] + (0,), jnp.float32)
+        ids = jnp.zeros(logp.shape[:-1] + (0,), jnp.int32)
+    return TokenLogprobs(logprob=chosen, top_ids=ids.astype(jnp.int32), top_logprobs=top)
+
+
+def _mark_seen(seen: Array, tokens: Array, rows_on: Array) -> Array:
+    """seen (B, V) with seen[b, tokens[b]] set where rows_on[b]."""
+    rows = jnp.arange(seen.shape[0])
+    return seen.at[rows, tokens].max(rows_on)
 
 
 def _is_stop(tokens: Array, stop_ids: Array) -> Array:
@@ -177,19 +212,23 @@ def prefill_chunk(params: Params, state: EngineState, slot: Array, tokens: Array
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
 def insert(state: EngineState, slot: Array, logits: Array, request: SlotRequest,
-           spec: EngineSpec) -> tuple[EngineState, Array]:
+           spec: EngineSpec) -> tuple[EngineState, Array, TokenLogprobs]:
     """Start decoding a prefilled slot: sample its first token (step 0) from the
     prompt's last logits (V,) with the request's settings, and store the settings.
 
-    Returns the state and the first token (() int32). The slot is finished at once if
-    that token is a stop id or max_tokens is 1 (it then idles until `release`).
+    Returns the state, the first token (() int32) and its log-probabilities (leading
+    shape ()). The slot is finished at once if that token is a stop id or max_tokens
+    is 1 (it then idles until `release`).
     """
-    del spec  # static: keeps one compilation per engine, as for the other steps
     key = jax.random.PRNGKey(request.seed)
     token = sample_rows(
         logits[None], key[None], jnp.zeros((1,), jnp.int32), request.temperature[None],
         request.top_k[None], request.top_p[None], request.min_p[None],
+        request.repetition_penalty[None], request.seen[None],
     )[0]
+    logprobs = jax.tree.map(lambda a: a[0], token_logprobs(logits[None], token[None],
+                                                           spec.top_logprobs))
+    seen = request.seen.at[token].set(True)
     done = jnp.any(token == request.stop_ids) | (request.max_tokens <= 1)
     s = slot
     state = state.replace(
@@ -204,8 +243,10 @@ def insert(state: EngineState, slot: Array, logits: Array, request: SlotRequest,
         top_k=state.top_k.at[s].set(request.top_k),
         top_p=state.top_p.at[s].set(request.top_p),
         min_p=state.min_p.at[s].set(request.min_p),
+        repetition_penalty=state.repetition_penalty.at[s].set(request.repetition_penalty),
+        seen=state.seen.at[s].set(seen),
     )
-    return state, token
+    return state, token, logprobs
 
 
 def _has_page(state: EngineState, page_size: int) -> Array:
@@ -219,15 +260,16 @@ def _has_page(state: EngineState, page_size: int) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
 def decode(params: Params, state: EngineState, spec: EngineSpec
-           ) -> tuple[EngineState, Array, Array]:
+           ) -> tuple[EngineState, Array, Array, TokenLogprobs]:
     """spec.decode_steps decode steps for every decoding slot, in one dispatch.
 
     Each step feeds every running slot's last token, writes its key and value at the
     slot's length, and samples the next token with the slot's settings and step key. A
     slot stops running at a stop id or at max_tokens (finished), and waits (neither
     finished nor advancing) while its next position has no page: the host grows its
-    pages before the next dispatch. Returns the state, tokens (N, B) int32 and valid
-    (N, B) bool (token [n, b] is slot b's next output iff valid[n, b]).
+    pages before the next dispatch. Returns the state, tokens (N, B) int32, valid
+    (N, B) bool (token [n, b] is slot b's next output iff valid[n, b]) and the tokens'
+    log-probabilities (leading shape (N, B)).
     """
 
     def step(state: EngineState, _):
@@ -236,7 +278,8 @@ def decode(params: Params, state: EngineState, spec: EngineSpec
                                       state.block_table, state.lengths, runs.astype(jnp.int32),
                                       spec=spec)
         nxt = sample_rows(logits, state.keys, state.generated, state.temperature, state.top_k,
-                          state.top_p, state.min_p)
+                          state.top_p, state.min_p, state.repetition_penalty, state.seen)
+        logprobs = token_logprobs(logits, nxt, spec.top_logprobs)
         generated = state.generated + runs.astype(jnp.int32)
         done = runs & (_is_stop(nxt, state.stop_ids) | (generated >= state.max_tokens))
         state = state.replace(
@@ -245,11 +288,12 @@ def decode(params: Params, state: EngineState, spec: EngineSpec
             last_token=jnp.where(runs, nxt, state.last_token),
             generated=generated,
             finished=state.finished | done,
+            seen=_mark_seen(state.seen, nxt, runs),
         )
-        return state, (jnp.where(runs, nxt, 0), runs)
+        return state, (jnp.where(runs, nxt, 0), runs, logprobs)
 
-    state, (tokens, valid) = jax.lax.scan(step, state, None, length=spec.decode_steps)
-    return state, tokens, valid
+    state, (tokens, valid, logprobs) = jax.lax.scan(step, state, None, length=spec.decode_steps)
+    return state, tokens, valid, logprobs
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -263,10 +307,11 @@ def release(state: EngineState, slot: Array) -> EngineState:
         active=state.active.at[s].set(False),
         finished=state.finished.at[s].set(False),
         generated=state.generated.at[s].set(0),
+        seen=state.seen.at[s].set(False),
     )
 
 
 __all__ = [
     "EngineSpec", "EngineState", "SlotRequest", "decode", "insert", "paged_forward",
-    "prefill_chunk", "release", "sample_rows", "set_pages",
+    "TokenLogprobs", "prefill_chunk", "release", "sample_rows", "set_pages", "token_logprobs",
 ]
