@@ -84,6 +84,16 @@ class PageAllocatorError(JaxLlamaError, ValueError):
     """A KV-cache page freed, shared or registered against the allocator's state."""
 
 
+class EngineClosed(JaxLlamaError, RuntimeError):
+    """A request to an engine that is closed, or ended because it closed
+    (`jaxllama.engine.Engine`)."""
+
+
+class QueueFull(JaxLlamaError, RuntimeError):
+    """An engine's waiting queue is at its limit (`Engine(max_waiting=...)`): try again
+    later."""
+
+
 class KernelFallbackWarning(RuntimeWarning):
     """A Pallas kernel that does not compile for this device and JAX version: its XLA
     twin runs instead (see `jaxllama.backend`). A warning, not an error: results stay

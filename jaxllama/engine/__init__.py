@@ -1,9 +1,11 @@
 """The serving engine (issue 17): many requests at once over a fixed batch of decode
 slots, a paged KV cache, automatic prefix caching and chunked prefill.
 
-The package will also hold the host-side scheduler and the metrics. What is here so
-far:
+What is here:
 
+* `jaxllama.engine.scheduler`: `Engine`, the host-side scheduler thread that admits
+  requests into slots, interleaves prompt chunks with decode dispatches, streams each
+  request's tokens (iterator, async iterator, callback), cancels, and keeps metrics.
 * `jaxllama.engine.spec`: `EngineSpec`, the frozen, hashable engine description (the
   one static argument of the steps), with `check_fits` (whether a request can ever
   run); `SlotRequest`, one request's checked settings; and `EngineState`, the pytree

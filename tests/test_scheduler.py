@@ -1,0 +1,194 @@
+"""The engine's scheduler against `adapter.generate` of each prompt alone: whatever
+arrives with it, in any order, with cancellations, prefix caching on or off; and its
+bookkeeping (no page or slot leaked, closing ends every request).
+
+Every wait is bounded (result(timeout=...)), so a scheduler bug fails, never hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from hf_to_gguf import tiny_hf_model, write_gguf
+from jaxllama.engine.scheduler import Engine
+from jaxllama.errors import EngineClosed, InvalidRequestError, QueueFull
+from jaxllama.models import AdapterForwardConfig, LlamaInferenceAdapter, load_gguf
+
+WAIT = 120  # seconds: the most any request may take here
+
+SETTINGS = [
+    dict(),
+    dict(temperature=0.9, seed=7),
+    dict(temperature=1.1, top_k=20, seed=123),
+    dict(repetition_penalty=5.0),
+    dict(temperature=0.8, top_p=0.9, min_p=0.05, seed=3),
+]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    path = write_gguf(tiny_hf_model("llama"), tmp_path_factory.mktemp("sched") / "m.gguf")
+    return LlamaInferenceAdapter.from_model(load_gguf(path, dtype=jnp.float32, progress=False))
+
+
+def _engine(adapter, **options) -> Engine:
+    fields = dict(num_slots=3, max_context=64, page_size=4, prefill_chunk=8, decode_steps=4)
+    fields.update(options)
+    return Engine.from_adapter(adapter, **fields)
+
+
+_refs: dict = {}
+
+
+def _reference(adapter, prompt, max_tokens, s):
+    key = (tuple(prompt), max_tokens, tuple(sorted(s.items())))
+    if key not in _refs:
+        _refs[key] = adapter.generate(prompt, max_tokens, AdapterForwardConfig(**s))[len(prompt):]
+    return _refs[key]
+
+
+def _wait_running(handle):
+    """Until the request has its first token (bounded)."""
+    for _ in range(WAIT * 20):
+        if handle.tokens or handle.done:
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError(f"request {handle.request_id} produced nothing in {WAIT} s")
+
+
+def _check_idle(engine):
+    m = engine.metrics()
+    assert m.requests_running == 0 and m.requests_waiting == 0 and m.slots_used == 0
+    assert m.pages_used == 0 and m.pages_free + m.pages_cached == m.pages_total
+    engine._alloc.check()
+
+
+def test_many_requests_equal_generate_alone(adapter):
+    rng = np.random.default_rng(0)
+    shared = list(range(3, 15))  # a 12-token prefix (3 pages) shared by some prompts
+    prompts = []
+    for i in range(9):
+        tail = rng.integers(3, adapter.config.vocab_size, int(rng.integers(1, 14))).tolist()
+        prompts.append(shared + tail if i % 2 else tail)
+    requests = [(p, int(rng.integers(1, 12)), SETTINGS[i % len(SETTINGS)])
+                for i, p in enumerate(prompts)]
+    refs = [_reference(adapter, *r) for r in requests]
+    with _engine(adapter) as engine:
+        handles = [engine.submit(p, m, **s) for p, m, s in requests]
+        outs = [h.result(timeout=WAIT) for h in handles]
+        for out, ref, req in zip(outs, refs, requests):
+            assert out.tokens == ref, req
+            stop = out.tokens[-1] in adapter.eos_ids()
+            assert out.finish_reason == ("stop" if stop else "length")
+            assert out.ttft is not None and len(out.inter_token_times) == len(out.tokens) - 1
+        # Later prompts with the shared prefix were served pages from the cache.
+        assert sum(o.cached_tokens for o in outs) >= 8
+        m = engine.metrics()
+        assert m.prefix_hit_tokens == sum(o.cached_tokens for o in outs)
+        assert m.requests_finished == len(requests)
+        assert m.generation_tokens_total == sum(len(o.tokens) for o in outs)
+        _check_idle(engine)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_random_schedules(adapter, data):
+    """Random prompts (some sharing prefixes), lengths, settings, arrival gaps and
+    cancellations, with prefix caching on or off: every request not cancelled equals
+    its reference, a cancelled one's tokens are a prefix of it, nothing leaks."""
+    caching = data.draw(st.booleans(), label="prefix_caching")
+    n = data.draw(st.integers(2, 7), label="requests")
+    base = list(range(3, 11))
+    requests, cancel = [], []
+    for _ in range(n):
+        share = data.draw(st.integers(0, len(base)))
+        tail = data.draw(st.lists(st.integers(3, adapter.config.vocab_size - 1),
+                                  min_size=1, max_size=12))
+        requests.append((base[:share] + tail, data.draw(st.integers(1, 10)),
+                         data.draw(st.sampled_from(SETTINGS))))
+        cancel.append(data.draw(st.booleans()) and data.draw(st.booleans()))
+    with _engine(adapter, prefix_caching=caching) as engine:
+        handles = []
+        for (p, m, s), c in zip(requests, cancel):
+            handles.append(engine.submit(p, m, **s))
+            if c:
+                handles[-1].cancel()
+        for h, req, c in zip(handles, requests, cancel):
+            out = h.result(timeout=WAIT)
+            ref = _reference(adapter, *req)
+            if out.finish_reason == "cancelled":
+                assert c and out.tokens == ref[: len(out.tokens)]
+            else:
+                assert out.tokens == ref, req
+        if not caching:
+            assert engine.metrics().prefix_hit_tokens == 0
+        _check_idle(engine)
+
+
+def test_stream_iterators_and_callback(adapter):
+    prompt, m = [5, 9, 17, 33], 10
+    ref = _reference(adapter, prompt, m, {})
+    seen = []
+    with _engine(adapter) as engine:
+        h = engine.submit(prompt, m, callback=lambda handle, tok: seen.append(tok))
+        got = []
+        box = threading.Thread(target=lambda: got.extend(h))
+        box.start()
+        box.join(WAIT)
+        assert got == ref and seen == ref + [None]
+
+        async def consume():
+            h2 = engine.submit(prompt, m)
+            return [t async for t in h2]
+
+        assert asyncio.run(asyncio.wait_for(consume(), WAIT)) == ref
+
+
+def test_cancel_frees_slot_at_once_and_others_continue(adapter):
+    with _engine(adapter, num_slots=2) as engine:
+        long = engine.submit([7] * 5, 50)
+        _wait_running(long)
+        other = engine.submit([8, 9, 10], 6)
+        long.cancel()
+        out = long.result(timeout=WAIT)
+        assert out.finish_reason == "cancelled" and len(out.tokens) < 50
+        assert other.result(timeout=WAIT).tokens == _reference(adapter, [8, 9, 10], 6, {})
+        _check_idle(engine)
+
+
+def test_refusals_and_close(adapter):
+    engine = _engine(adapter, max_waiting=1, num_slots=1)
+    with pytest.raises(InvalidRequestError, match="expected at most 64"):
+        engine.submit([3] * 60, 10)  # 70 tokens never fit max_context 64
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        engine.submit([adapter.config.vocab_size], 4)
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        engine.submit([3, 4], 4, temperature=-1.0)
+    with pytest.raises(InvalidRequestError, match="logprobs"):
+        engine.submit([3, 4], 4, logprobs=2)  # this engine has top_logprobs 0
+    # Not started: requests wait; one more than max_waiting is refused.
+    first = engine.submit([3, 4], 30)
+    with pytest.raises(QueueFull, match="max_waiting=1"):
+        engine.submit([3, 4], 4)
+    engine.start()
+    _wait_running(first)
+    engine.close()
+    with pytest.raises(EngineClosed):
+        first.result(timeout=WAIT)
+    with pytest.raises(EngineClosed):
+        engine.submit([3, 4], 4)
+
+
+def test_logprobs_and_warmup(adapter):
+    prompt = [4, 8, 15, 16, 23, 42]
+    with _engine(adapter, top_logprobs=3) as engine:
+        engine.warmup()
+        out = engine.submit(prompt, 7, logprobs=2, temperature=0.7, seed=11).result(timeout=WAIT)
+    ref = adapter.score([prompt + out.tokens])[0][len(prompt) - 1:]
+    np.testing.assert_allclose(out.logprobs, ref, atol=1e-4)
+    assert all(len(top) == 2 and top[0][1] >= top[1][1] for top in out.top_logprobs)
