@@ -201,10 +201,10 @@ class RequestHandle:
             loop.call_soon_threadsafe(lambda f=future: f.done() or f.set_result(None))
         self._waiters.clear()
 
-    def _push(self, token: int, logprob: float | None, top) -> None:
+    def _push(self, token: int, logprob: float | None, top, now: float) -> None:
         with self._cond:
             self.tokens.append(token)
-            self._times.append(time.monotonic())
+            self._times.append(now)
             if self.logprobs is not None:
                 self.logprobs.append(logprob)
                 self.top_logprobs.append(top)
@@ -552,17 +552,19 @@ class Engine:
                 if self._alloc.refcount(page) > 0:
                     self._alloc.register(page, key)
         token, logprobs = jax.device_get((first, logprobs))
-        self._emit(run, int(token), logprobs, ())
+        self._emit(run, int(token), logprobs, (), time.monotonic())
 
-    def _emit(self, run: _Running, token: int, logprobs, index) -> bool:
-        """Hand one token to its request; end the request if it finished. True if so."""
+    def _emit(self, run: _Running, token: int, logprobs, index, now: float) -> bool:
+        """Hand one token to its request; end the request if it finished. True if so.
+        `now` is when the dispatch that made it returned: the tokens of one dispatch
+        arrive together, and their times say so (a gap of 0 between them)."""
         handle = run.handle
         if handle._num_top:
             top = list(zip(np.asarray(logprobs.top_ids)[index][: handle._num_top].tolist(),
                            np.asarray(logprobs.top_logprobs)[index][: handle._num_top].tolist()))
-            handle._push(token, float(np.asarray(logprobs.logprob)[index]), top)
+            handle._push(token, float(np.asarray(logprobs.logprob)[index]), top, now)
         else:
-            handle._push(token, None, None)
+            handle._push(token, None, None, now)
         with self._lock:
             self._generated_total += 1
         reason = handle._finished_by(token)
@@ -586,10 +588,11 @@ class Engine:
                 self._set_pages(run)
         self._state, tokens, valid, logprobs = steps.decode(self.params, self._state, spec)
         tokens, valid, logprobs = jax.device_get((tokens, valid, logprobs))
+        now = time.monotonic()
         for run in decoding:
             for n in range(spec.decode_steps):
                 if valid[n, run.slot] and self._emit(run, int(tokens[n, run.slot]), logprobs,
-                                                     (n, run.slot)):
+                                                     (n, run.slot), now):
                     break
 
     def _warmup(self) -> None:

@@ -95,22 +95,25 @@ def paged_forward(params: Params, tokens: Array, cache: PagedKVCache, block_tabl
 # ----- per-slot sampling ----------------------------------------------------------------
 
 
-def _filter_row(logits: Array, temperature, top_k, top_p, min_p) -> Array:
+def _filter_row(logits: Array, temperature, top_k, top_p, min_p, *, sort: bool = True) -> Array:
     """`jaxllama.sampling.filter_logits` for one row (V,), each filter switched by its
-    value rather than statically; an "off" filter changes nothing."""
+    value rather than statically; an "off" filter changes nothing. sort=False leaves
+    out top-k and top-p (the sort over the vocabulary they need), which changes nothing
+    for a row where both are off."""
     vocab = logits.shape[-1]
     logits = logits / temperature
-    sorted_desc = -jnp.sort(-logits)
-    use_k = top_k > 0
-    kth = sorted_desc[jnp.clip(top_k, 1, vocab) - 1]
-    logits = jnp.where(use_k & (logits < kth), -jnp.inf, logits)
-    # By value, as sampling.filter_logits: ties with the k-th survive and top-p weighs them.
-    sorted_desc = jnp.where(use_k & (sorted_desc < kth), -jnp.inf, sorted_desc)
-    probs = jax.nn.softmax(sorted_desc)
-    before = jnp.cumsum(probs) - probs
-    keep = (before < top_p).at[0].set(True)
-    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf))
-    logits = jnp.where((top_p < 1.0) & (logits < threshold), -jnp.inf, logits)
+    if sort:
+        sorted_desc = -jnp.sort(-logits)
+        use_k = top_k > 0
+        kth = sorted_desc[jnp.clip(top_k, 1, vocab) - 1]
+        logits = jnp.where(use_k & (logits < kth), -jnp.inf, logits)
+        # By value, as sampling.filter_logits: ties with the k-th survive and top-p weighs them.
+        sorted_desc = jnp.where(use_k & (sorted_desc < kth), -jnp.inf, sorted_desc)
+        probs = jax.nn.softmax(sorted_desc)
+        before = jnp.cumsum(probs) - probs
+        keep = (before < top_p).at[0].set(True)
+        threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf))
+        logits = jnp.where((top_p < 1.0) & (logits < threshold), -jnp.inf, logits)
     probs = jax.nn.softmax(logits)
     limit = min_p * jnp.max(probs)
     return jnp.where((min_p > 0.0) & (probs < limit), -jnp.inf, logits)
@@ -121,17 +124,32 @@ def sample_rows(logits: Array, keys: Array, steps: Array, temperature: Array, to
     """Next token per row (B,) int32 from logits (B, V): the repetition penalty over the
     row's seen tokens (B, V) first, then argmax where temperature is 0, else a draw with
     key ``fold_in(keys[b], steps[b])`` from the filtered logits (`jaxllama.sampling`'s
-    order)."""
+    order).
 
-    def one(row, key, step, temp, k, p, mp, penalty, row_seen):
-        row = apply_repetition_penalty(row.astype(jnp.float32), row_seen, penalty)
-        greedy = temp <= 0.0
-        filtered = _filter_row(row, jnp.where(greedy, 1.0, temp), k, p, mp)
-        drawn = jax.random.categorical(jax.random.fold_in(key, step), filtered)
-        return jnp.where(greedy, jnp.argmax(row), drawn).astype(jnp.int32)
+    The work a batch needs is picked at run time, for the whole batch: a batch of greedy
+    rows only takes the argmax, and one whose sampled rows all have top-k and top-p off
+    skips the sort over the vocabulary. (Inside `vmap` a per-row choice would run every
+    branch for every row; the sort alone cost more than the model's step at 32 slots
+    on the CPU.) Each branch computes exactly what the full rule computes for the rows
+    it serves, so the tokens do not depend on which other rows share the batch.
+    """
+    logits = jax.vmap(apply_repetition_penalty)(logits.astype(jnp.float32), seen,
+                                                repetition_penalty)
+    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = temperature <= 0.0
 
-    return jax.vmap(one)(logits, keys, steps, temperature, top_k, top_p, min_p,
-                         repetition_penalty, seen)
+    def draw(sort: bool) -> Array:
+        def one(row, key, step, temp, k, p, mp):
+            filtered = _filter_row(row, temp, k, p, mp, sort=sort)
+            return jax.random.categorical(jax.random.fold_in(key, step), filtered).astype(jnp.int32)
+
+        drawn = jax.vmap(one)(logits, keys, steps, jnp.where(greedy, 1.0, temperature), top_k,
+                              top_p, min_p)
+        return jnp.where(greedy, greedy_tokens, drawn)
+
+    needs_sort = jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0)))
+    sampled = lambda: jax.lax.cond(needs_sort, lambda: draw(True), lambda: draw(False))  # noqa: E731
+    return jax.lax.cond(jnp.all(greedy), lambda: greedy_tokens, sampled)
 
 
 @struct.dataclass
