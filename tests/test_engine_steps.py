@@ -279,6 +279,36 @@ def test_decode_waits_for_pages_and_long_prefill(adapter):
     assert grown or len(ref) < 24 - len(prompt) + 1
 
 
+def test_narrow_window_equals_adapter_generate(adapter):
+    """Prefill and decode reading only the first `window` pages of a slot's table (the
+    narrowest of spec.windows that holds them) give adapter.generate's tokens. A width outside spec.windows is refused before anything is compiled."""
+    spec = _spec(adapter, num_slots=2, page_size=4, num_pages=40, max_pages_per_slot=20,
+                 prefill_buckets=(8, 16), decode_steps=4)
+    assert spec.windows == (8, 16, 20)
+    params = adapter.model.params
+    prompt = list(range(30, 43))  # 13 tokens: 4 pages; 13 + 12 new = 25 positions, 7 pages
+    ref = _reference(adapter, prompt, 12, dict(temperature=0.0))
+    state = EngineState.create(spec, params.dtype)
+    table = np.full((spec.max_pages_per_slot,), -1, np.int32)
+    table[:20] = np.arange(39, 19, -1)  # every entry a real page, scattered backwards
+    slot = np.int32(0)
+    state = steps.set_pages(state, slot, table)
+    tokens = np.zeros((16,), np.int32)
+    tokens[:13] = prompt
+    with pytest.raises(EngineSpecError, match="window"):
+        steps.prefill_chunk(params, state, slot, tokens, np.int32(0), np.int32(13), spec, 5)
+    state, logits = steps.prefill_chunk(params, state, slot, tokens, np.int32(0), np.int32(13),
+                                        spec, spec.window(4))
+    request = SlotRequest.create(spec, max_tokens=12, stop_ids=adapter.eos_ids())
+    state, first, _ = steps.insert(state, slot, logits, request, spec)
+    out = [int(first)]
+    while len(out) < len(ref) and out[-1] not in adapter.eos_ids():
+        state, toks, valid, _ = steps.decode(params, state, spec, spec.window(7))
+        toks, valid = np.asarray(toks), np.asarray(valid)
+        out += toks[valid[:, 0], 0].tolist()
+    assert spec.window(7) == 8 and out == ref
+
+
 def test_spec_refuses_bad_descriptions(adapter):
     with pytest.raises(EngineSpecError, match="prefill_buckets"):
         _spec(adapter, prefill_buckets=(8, 4))

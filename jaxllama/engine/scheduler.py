@@ -538,9 +538,10 @@ class Engine:
         chunk = prompt[start: start + spec.chunk_size]
         tokens = np.zeros((spec.bucket(len(chunk)),), np.int32)
         tokens[: len(chunk)] = chunk
+        window = spec.window(math.ceil((start + len(chunk)) / spec.page_size))
         self._state, logits = steps.prefill_chunk(
             self.params, self._state, np.int32(run.slot), tokens, np.int32(start),
-            np.int32(len(chunk)), spec)
+            np.int32(len(chunk)), spec, window)
         run.prefilled = start + len(chunk)
         if run.prefilled < len(prompt):
             return
@@ -586,7 +587,9 @@ class Engine:
                 with self._lock:
                     run.pages += self._alloc.allocate(need - len(run.pages))
                 self._set_pages(run)
-        self._state, tokens, valid, logprobs = steps.decode(self.params, self._state, spec)
+        window = spec.window(max(len(run.pages) for run in decoding))
+        self._state, tokens, valid, logprobs = steps.decode(self.params, self._state, spec,
+                                                            window)
         tokens, valid, logprobs = jax.device_get((tokens, valid, logprobs))
         now = time.monotonic()
         for run in decoding:
@@ -596,7 +599,10 @@ class Engine:
                     break
 
     def _warmup(self) -> None:
-        """Run every program once on scratch pages (freed after), outside any request."""
+        """Run every program a request can meet once, on scratch pages (freed after),
+        outside any request: decode at every window, each prefill bucket at the window
+        a prompt's first chunk uses, and the full chunk at every window a long prompt's
+        later chunks use."""
         spec = self.spec
         slot = next(s for s in range(spec.num_slots) if s not in self._running)
         n = min(math.ceil(spec.chunk_size / spec.page_size) + 1, spec.max_pages_per_slot)
@@ -605,14 +611,19 @@ class Engine:
         row = np.full((spec.max_pages_per_slot,), NO_PAGE, np.int32)
         row[: len(pages)] = pages
         state = steps.set_pages(self._state, np.int32(slot), row)
+        first_chunk = {(b, spec.window(math.ceil(b / spec.page_size))) for b in spec.prefill_buckets}
+        later_chunks = {(spec.chunk_size, w) for w in spec.windows
+                        if w >= spec.window(math.ceil(spec.chunk_size / spec.page_size))}
         logits = None
-        for bucket in spec.prefill_buckets:
+        for bucket, window in sorted(first_chunk | later_chunks):
+            # One real token at position 0: any window holds it.
             state, logits = steps.prefill_chunk(self.params, state, np.int32(slot),
                                                 np.zeros((bucket,), np.int32), np.int32(0),
-                                                np.int32(1), spec)
+                                                np.int32(1), spec, window)
         request = SlotRequest.create(spec, max_tokens=1)
         state, _, _ = steps.insert(state, np.int32(slot), logits, request, spec)
-        state, *_ = steps.decode(self.params, state, spec)  # the slot is finished: idles
+        for window in spec.windows:
+            state, *_ = steps.decode(self.params, state, spec, window)  # the slot is finished: idles
         self._state = steps.release(state, np.int32(slot))
         jax.block_until_ready(self._state)
         with self._lock:

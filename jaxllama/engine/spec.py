@@ -31,6 +31,11 @@ ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret")
 NO_STOP = -1
 # OpenAI's limit on top_logprobs (and vLLM's default max_logprobs).
 MAX_TOP_LOGPROBS = 20
+# The narrowest block-table window (pages) a step reads; wider windows double from here
+# up to max_pages_per_slot. Attention reads every position of its window, so a window
+# sized to the longest running request (not to max_pages_per_slot) keeps short requests
+# cheap; doubling bounds the compiled programs to about log2(max_pages_per_slot).
+MIN_WINDOW_PAGES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +127,24 @@ class EngineSpec:
     @property
     def max_tokens_per_slot(self) -> int:
         return self.max_pages_per_slot * self.page_size
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        """The block-table widths (pages) the steps are compiled for, ascending: powers
+        of two from MIN_WINDOW_PAGES, and max_pages_per_slot (always the last)."""
+        out, w = [], MIN_WINDOW_PAGES
+        while w < self.max_pages_per_slot:
+            out.append(w)
+            w *= 2
+        return tuple(out) + (self.max_pages_per_slot,)
+
+    def window(self, pages: int) -> int:
+        """The narrowest window that holds `pages` pages of every slot it serves."""
+        for w in self.windows:
+            if w >= pages:
+                return w
+        raise EngineSpecError(
+            f"{pages} pages exceed max_pages_per_slot ({self.max_pages_per_slot})")
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
         """Refuse a request that can never run in this engine: its prompt plus

@@ -198,9 +198,22 @@ def set_pages(state: EngineState, slot: Array, pages: Array) -> EngineState:
     return state.replace(block_table=state.block_table.at[slot].set(pages.astype(jnp.int32)))
 
 
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+def _window_table(block_table: Array, spec: EngineSpec, window: int | None, what: str) -> Array:
+    """The first `window` pages of every slot's table (None: all of them)."""
+    if window is None:
+        return block_table
+    if window not in spec.windows:
+        # Each width is its own compiled program: only spec.windows are allowed.
+        raise EngineSpecError(
+            f"{what}: window is {window!r}; expected None or one of EngineSpec.windows "
+            f"{spec.windows} (spec.window(pages) picks one)")
+    return block_table[:, :window]
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "window"), donate_argnames=("state",))
 def prefill_chunk(params: Params, state: EngineState, slot: Array, tokens: Array, start: Array,
-                  num_valid: Array, spec: EngineSpec) -> tuple[EngineState, Array]:
+                  num_valid: Array, spec: EngineSpec, window: int | None = None
+                  ) -> tuple[EngineState, Array]:
     """Run a chunk of one request's prompt in slot `slot` (not decoding).
 
     tokens (T,) int32, T one of spec.prefill_buckets, its first `num_valid` real; they
@@ -209,7 +222,10 @@ def prefill_chunk(params: Params, state: EngineState, slot: Array, tokens: Array
     must already be in the slot's pages (earlier chunks, or shared prefix pages).
     Returns the state with the slot's length start + num_valid, and the float32 logits
     (V,) at the chunk's last real token (pass the last chunk's to `insert`).
-    A T that is not a bucket is refused (EngineSpecError) when the call is traced.
+    `window` (one of spec.windows, or None for all M) is how many of the slot's pages
+    attention reads: it must hold positions [0, start + num_valid). A T that is not a
+    bucket, or a window not in spec.windows, is refused (EngineSpecError) when the call
+    is traced.
     """
     if jnp.ndim(tokens) != 1 or jnp.shape(tokens)[0] not in spec.prefill_buckets:
         # Each length is its own compiled program: only the buckets are allowed, so a
@@ -219,7 +235,7 @@ def prefill_chunk(params: Params, state: EngineState, slot: Array, tokens: Array
             f"of EngineSpec.prefill_buckets {spec.prefill_buckets} (pad the chunk to "
             f"spec.bucket(n) tokens and pass num_valid=n)"
         )
-    table = state.block_table[slot][None]
+    table = _window_table(state.block_table[slot][None], spec, window, "prefill_chunk")
     start = jnp.asarray(start, jnp.int32)
     num_valid = jnp.asarray(num_valid, jnp.int32)
     logits, cache = paged_forward(params, tokens[None].astype(jnp.int32), state.cache, table,
@@ -267,17 +283,18 @@ def insert(state: EngineState, slot: Array, logits: Array, request: SlotRequest,
     return state, token, logprobs
 
 
-def _has_page(state: EngineState, page_size: int) -> Array:
-    """(B,) bool: the slot's next position (its length) has a page to be written to."""
-    logical = state.lengths // page_size
-    max_pages = state.block_table.shape[1]
-    page = jnp.take_along_axis(state.block_table, jnp.clip(logical, 0, max_pages - 1)[:, None],
+def _has_page(block_table: Array, lengths: Array, page_size: int) -> Array:
+    """(B,) bool: the slot's next position (its length) has a page in `block_table`
+    (B, M') to be written to."""
+    logical = lengths // page_size
+    max_pages = block_table.shape[1]
+    page = jnp.take_along_axis(block_table, jnp.clip(logical, 0, max_pages - 1)[:, None],
                                axis=1)[:, 0]
     return (logical < max_pages) & (page != NO_PAGE)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
-def decode(params: Params, state: EngineState, spec: EngineSpec
+@functools.partial(jax.jit, static_argnames=("spec", "window"), donate_argnames=("state",))
+def decode(params: Params, state: EngineState, spec: EngineSpec, window: int | None = None
            ) -> tuple[EngineState, Array, Array, TokenLogprobs]:
     """spec.decode_steps decode steps for every decoding slot, in one dispatch.
 
@@ -288,12 +305,19 @@ def decode(params: Params, state: EngineState, spec: EngineSpec
     pages before the next dispatch. Returns the state, tokens (N, B) int32, valid
     (N, B) bool (token [n, b] is slot b's next output iff valid[n, b]) and the tokens'
     log-probabilities (leading shape (N, B)).
+
+    `window` (one of spec.windows, or None for all M) is how many pages of each slot's
+    table attention reads; a slot whose next position lies past it waits as if it had
+    no page. The host passes the narrowest window that holds every decoding slot's
+    pages for the N steps, so the cost of a step follows the longest running request,
+    not max_pages_per_slot.
     """
+    table = _window_table(state.block_table, spec, window, "decode")
 
     def step(state: EngineState, _):
-        runs = state.active & ~state.finished & _has_page(state, spec.page_size)
+        runs = state.active & ~state.finished & _has_page(table, state.lengths, spec.page_size)
         logits, cache = paged_forward(params, state.last_token[:, None], state.cache,
-                                      state.block_table, state.lengths, runs.astype(jnp.int32),
+                                      table, state.lengths, runs.astype(jnp.int32),
                                       spec=spec)
         nxt = sample_rows(logits, state.keys, state.generated, state.temperature, state.top_k,
                           state.top_p, state.min_p, state.repetition_penalty, state.seen)
