@@ -192,3 +192,40 @@ def test_logprobs_and_warmup(adapter):
     ref = adapter.score([prompt + out.tokens])[0][len(prompt) - 1:]
     np.testing.assert_allclose(out.logprobs, ref, atol=1e-4)
     assert all(len(top) == 2 and top[0][1] >= top[1][1] for top in out.top_logprobs)
+
+
+def test_session_compiles_nothing_after_warmup(adapter):
+    """100 requests of varied prompt and output lengths (first chunks of every bucket,
+    long prompts in several chunks, prefix-cache hits that start mid-prompt) compile no
+    program after `warmup`: every shape a schedule can meet is in
+    spec.prefill_shapes() and spec.windows, whatever the number of requests."""
+    from jaxllama.bench import CompileLog
+
+    rng = np.random.default_rng(5)
+    shared = list(range(3, 23))  # 20 tokens: 5 full pages a later prompt can reuse
+    with CompileLog() as log, _engine(adapter, num_slots=4, max_context=96,
+                                      prefill_chunk=32) as engine:
+        mark = log.mark()
+        engine.warmup()
+        spec = engine.spec
+        warm = len(log.since(mark))
+        bound = len(spec.prefill_shapes()) + len(spec.windows) + 3  # + set_pages, insert, release
+        print(f"warmup compiled {warm} programs (bound {bound}): prefill {spec.prefill_shapes()}, "
+              f"decode windows {spec.windows}")
+        assert len(spec.windows) > 1 and warm <= bound + 4  # + small helpers
+        mark = log.mark()
+        handles = []
+        for i in range(100):
+            n = int(rng.integers(1, 70))
+            prompt = rng.integers(3, adapter.config.vocab_size, n).tolist()
+            if i % 3 == 0:
+                prompt = shared + prompt[:50]
+            handles.append(engine.submit(prompt, int(rng.integers(1, 96 - len(prompt) + 1))))
+        outs = [h.result(timeout=WAIT) for h in handles]
+        during = log.since(mark)
+        print(f"100 requests: {sum(len(o.tokens) for o in outs)} tokens, "
+              f"{sum(o.cached_tokens for o in outs)} prompt tokens from the cache, "
+              f"{len(during)} compilations")
+        assert sum(o.cached_tokens for o in outs) > 0
+        assert during == []
+        _check_idle(engine)

@@ -536,9 +536,9 @@ class Engine:
         prompt = run.handle.prompt
         start = run.prefilled
         chunk = prompt[start: start + spec.chunk_size]
-        tokens = np.zeros((spec.bucket(len(chunk)),), np.int32)
+        length, window = spec.prefill_shape(start, len(chunk))
+        tokens = np.zeros((length,), np.int32)
         tokens[: len(chunk)] = chunk
-        window = spec.window(math.ceil((start + len(chunk)) / spec.page_size))
         self._state, logits = steps.prefill_chunk(
             self.params, self._state, np.int32(run.slot), tokens, np.int32(start),
             np.int32(len(chunk)), spec, window)
@@ -600,9 +600,8 @@ class Engine:
 
     def _warmup(self) -> None:
         """Run every program a request can meet once, on scratch pages (freed after),
-        outside any request: decode at every window, each prefill bucket at the window
-        a prompt's first chunk uses, and the full chunk at every window a long prompt's
-        later chunks use."""
+        outside any request: decode at every window, and prefill at every
+        `spec.prefill_shapes()`."""
         spec = self.spec
         slot = next(s for s in range(spec.num_slots) if s not in self._running)
         n = min(math.ceil(spec.chunk_size / spec.page_size) + 1, spec.max_pages_per_slot)
@@ -611,11 +610,8 @@ class Engine:
         row = np.full((spec.max_pages_per_slot,), NO_PAGE, np.int32)
         row[: len(pages)] = pages
         state = steps.set_pages(self._state, np.int32(slot), row)
-        first_chunk = {(b, spec.window(math.ceil(b / spec.page_size))) for b in spec.prefill_buckets}
-        later_chunks = {(spec.chunk_size, w) for w in spec.windows
-                        if w >= spec.window(math.ceil(spec.chunk_size / spec.page_size))}
         logits = None
-        for bucket, window in sorted(first_chunk | later_chunks):
+        for bucket, window in spec.prefill_shapes():
             # One real token at position 0: any window holds it.
             state, logits = steps.prefill_chunk(self.params, state, np.int32(slot),
                                                 np.zeros((bucket,), np.int32), np.int32(0),

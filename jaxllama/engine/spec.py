@@ -12,6 +12,7 @@ per page, P pages in the pool, V vocab, E stop ids per slot.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -183,6 +184,31 @@ class EngineSpec:
                 f"(the largest of prefill_buckets)"
             )
         return next(b for b in self.prefill_buckets if b >= num_tokens)
+
+    def prefill_shape(self, start: int, num_tokens: int) -> tuple[int, int]:
+        """(chunk length, window) of the prefill chunk of `num_tokens` tokens at position
+        `start`: one of `prefill_shapes()`, so no schedule compiles more. A prompt's
+        first chunk is padded to its bucket and reads the window that bucket needs; a
+        later chunk (of a long prompt, or after a prefix-cache hit) is padded to the
+        full chunk and reads the narrowest window that holds it and the positions
+        before it. (Every bucket at every window would be len(buckets) * len(windows)
+        programs.)"""
+        if start == 0:
+            bucket = self.bucket(num_tokens)
+            return bucket, self._pages_window(bucket)
+        self.bucket(num_tokens)  # range check
+        return self.chunk_size, self._pages_window(max(start + num_tokens, self.chunk_size))
+
+    def _pages_window(self, positions: int) -> int:
+        """The window for positions [0, positions), at most the whole table."""
+        return self.window(min(math.ceil(positions / self.page_size), self.max_pages_per_slot))
+
+    def prefill_shapes(self) -> tuple[tuple[int, int], ...]:
+        """Every (chunk length, window) `prefill_shape` can return, sorted."""
+        first = {(b, self._pages_window(b)) for b in self.prefill_buckets}
+        narrowest = self._pages_window(self.chunk_size)
+        later = {(self.chunk_size, w) for w in self.windows if w >= narrowest}
+        return tuple(sorted(first | later))
 
 
 @struct.dataclass
