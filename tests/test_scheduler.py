@@ -229,3 +229,32 @@ def test_session_compiles_nothing_after_warmup(adapter):
         assert sum(o.cached_tokens for o in outs) > 0
         assert during == []
         _check_idle(engine)
+
+
+@pytest.mark.slow
+def test_real_smollm2_requests_equal_generate_alone():
+    """SmolLM2-135M (the packaged file, float32): four chat requests arriving together,
+    greedy and seeded, two sharing the chat template's system prefix, one cancelled
+    request among them; each output equals adapter.generate of its prompt alone."""
+    from conftest import jax_adapter
+
+    adapter = jax_adapter("smollm2-135m-instruct")
+    questions = ["Name three primary colors.", "What is 12 times 7?",
+                 "Write a haiku about rain.", "Say hello in French."]
+    prompts = [adapter.prompt_ids([{"role": "user", "content": q}]) for q in questions]
+    settings_ = [dict(), dict(temperature=0.8, top_p=0.9, seed=11), dict(),
+                 dict(temperature=0.7, top_k=40, seed=5, repetition_penalty=1.1)]
+    refs = [adapter.generate(p, 20, AdapterForwardConfig(**s))[len(p):]
+            for p, s in zip(prompts, settings_)]
+    with Engine.from_adapter(adapter, num_slots=3, max_context=256, prefill_chunk=64,
+                             decode_steps=4) as engine:
+        engine.warmup()
+        doomed = engine.submit(prompts[0] + prompts[1], 60)
+        handles = [engine.submit(p, 20, **s) for p, s in zip(prompts, settings_)]
+        _wait_running(doomed)
+        doomed.cancel()
+        outs = [h.result(timeout=WAIT) for h in handles]
+        assert doomed.result(timeout=WAIT).finish_reason == "cancelled"
+        assert [o.tokens for o in outs] == refs
+        assert any(o.cached_tokens > 0 for o in outs)  # the template's shared system prompt
+        _check_idle(engine)
