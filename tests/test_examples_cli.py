@@ -22,7 +22,7 @@ def _example(name):
 
 def test_every_example_is_tested():
     tested = {"basic_generation", "model_info", "prefill_decode_loop", "registry", "polymorphic",
-              "error_handling", "benchmark", "batch_evaluation"}
+              "error_handling", "benchmark", "batch_evaluation", "engine_requests"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -72,6 +72,13 @@ def test_error_handling(capsys):
 def test_benchmark(capsys):
     _example("benchmark")(["--max-tokens", "4", "--models", "smollm2-135m-instruct"])
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_engine_requests(capsys):
+    _example("engine_requests")(["--max-tokens", "8"])  # asserts engine == generate inside
+    out = capsys.readouterr().out
+    assert "streamed:" in out and "engine == adapter.generate" in out
+    assert "'Write a very long story about a dragon.': cancelled" in out
 
 
 def test_batch_evaluation(capsys):
