@@ -98,8 +98,9 @@ def _integer(body: dict, name: str, default, lo: int | None = None, hi: int | No
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(name, f"{value!r:.60} is not an integer")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise _bad(name, f"{value} is out of range; expected an integer in "
-                         f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]")
+        expected = (f"an integer >= {lo}" if hi is None else f"an integer <= {hi}"
+                    if lo is None else f"an integer in [{lo}, {hi}]")
+        raise _bad(name, f"{value} is out of range; expected {expected}")
     return value
 
 
