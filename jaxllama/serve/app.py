@@ -251,7 +251,8 @@ class _Server:
                             prompt, max_tokens, temperature=s.temperature, top_k=s.top_k,
                             top_p=s.top_p, min_p=s.min_p,
                             repetition_penalty=s.repetition_penalty,
-                            seed=(seed + index) % protocol.SEED_LIMIT, logprobs=engine_k)
+                            seed=(seed + index) % protocol.SEED_LIMIT, logprobs=engine_k,
+                            stop_ids=() if req.ignore_eos else None)
                     choices.append(_Choice(self, index, handle, req.stop, engine_k > 0,
                                            arrival, text_starts[p]))
         except BaseException:

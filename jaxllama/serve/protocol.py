@@ -10,7 +10,8 @@ with its status (400 unless said). Fields this module does not know are ignored,
 OpenAI ignores them. Fields OpenAI defines that the engine cannot honour
 (`presence_penalty`, `frequency_penalty`, `logit_bias`, `best_of`, `suffix`, `tools`, a
 `response_format` other than text) are refused when set to anything but their neutral
-value, rather than silently dropped.
+value, rather than silently dropped. Beyond OpenAI's fields: `top_k`, `min_p`,
+`repetition_penalty` and `ignore_eos` (vLLM's and llama.cpp's names).
 
 Nothing here imports FastAPI or JAX.
 """
@@ -74,6 +75,7 @@ class GenerationRequest:
     include_usage: bool
     logprobs: int | None
     echo: bool
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever comes
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -304,7 +306,8 @@ def parse_generation(body: Any, limits: Limits, *, chat: bool) -> GenerationRequ
                           f"(--max-top-logprobs {limits.max_top_logprobs})")
     return GenerationRequest(chat=chat, prompts=prompts, max_tokens=max_tokens, n=n,
                              sampling=sampling, stop=_stop(body), stream=stream,
-                             include_usage=include_usage, logprobs=logprobs, echo=echo)
+                             include_usage=include_usage, logprobs=logprobs, echo=echo,
+                             ignore_eos=_boolean(body, "ignore_eos", False))
 
 
 def check_room(prompt_len: int, max_tokens: int | None, limits: Limits, *, chat: bool) -> int:
