@@ -15,6 +15,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -95,6 +96,10 @@ BAD_REQUESTS = {
     "max_tokens_negative": ("/v1/completions", {"prompt": "x", "max_tokens": -5}, _bad(400, "max_tokens")),
     "max_tokens_beyond_context": ("/v1/completions", {"prompt": "x", "max_tokens": 500},
                                   _bad(400, "max_tokens", "context_length_exceeded")),
+    "max_completion_tokens_beyond_context": (
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                 "max_completion_tokens": 500},
+        _bad(400, "max_completion_tokens", "context_length_exceeded")),
     "prompt_beyond_context": ("/v1/completions", {"prompt": LONG, "max_tokens": 1},
                               _bad(400, "prompt", "context_length_exceeded")),
     "temperature_nan": ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', _bad(400, "temperature")),
@@ -182,6 +187,25 @@ def test_api_key(tiny_adapter, tiny_engine):
         assert client.completions.create(model=TINY, prompt="a", max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_health_503_until_warmed(tiny_adapter):
+    engine = Engine.from_adapter(tiny_adapter, num_slots=1, max_context=64, page_size=8,
+                                 prefill_chunk=16, decode_steps=2)
+    warm, gate = engine.warmup, threading.Event()
+
+    def held_warmup():  # the warmup waits for the test's word
+        assert gate.wait(WAIT)
+        warm()
+
+    engine.warmup = held_warmup
+    app = create_app(tiny_adapter, engine, model_name=TINY)
+    with running_server(app, healthy=False) as url:
+        r = httpx.get(f"{url}/health", timeout=WAIT)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        gate.set()
+        wait_healthy(url, timeout=WAIT)
+        _good(url)
 
 
 def test_queue_full_is_429(tiny_adapter):

@@ -242,7 +242,7 @@ class _Server:
         try:
             for p, prompt in enumerate(ids):
                 max_tokens = protocol.check_room(len(prompt), req.max_tokens, self.limits,
-                                                 chat=req.chat)
+                                                 chat=req.chat, field=req.max_tokens_field)
                 for j in range(req.n):
                     index = p * req.n + j
                     handle = None
@@ -483,7 +483,8 @@ def create_app(adapter, engine, *, model_name: str, api_key: str | None = None,
         prompt_entries = [None] * len(ids)
         if req.echo and k is not None:
             for i, p in enumerate(ids):
-                protocol.check_room(len(p), req.max_tokens, server.limits, chat=chat)
+                protocol.check_room(len(p), req.max_tokens, server.limits, chat=chat,
+                                    field=req.max_tokens_field)
                 prompt_entries[i] = await server.prompt_logprobs(p, max(k, 1))
         choices = server.submit(req, ids, arrival, [len(e[0]) for e in echoes])
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex

@@ -76,6 +76,7 @@ class GenerationRequest:
     logprobs: int | None
     echo: bool
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever comes
+    max_tokens_field: str = "max_tokens"  # the name the request used (for errors)
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -263,8 +264,10 @@ def parse_generation(body: Any, limits: Limits, *, chat: bool) -> GenerationRequ
     _unsupported(body, chat)
     prompts = [_messages(body)] if chat else _prompts(body, limits)
     echo = False if chat else _boolean(body, "echo", False)
+    name = "max_tokens"
     if chat:
-        name = "max_completion_tokens" if _present(body, "max_completion_tokens") else "max_tokens"
+        if _present(body, "max_completion_tokens"):
+            name = "max_completion_tokens"
         max_tokens = _integer(body, name, None, lo=1)
     else:
         lo = 0 if echo else 1  # max_tokens 0 with echo: score the prompt, generate nothing
@@ -307,10 +310,12 @@ def parse_generation(body: Any, limits: Limits, *, chat: bool) -> GenerationRequ
     return GenerationRequest(chat=chat, prompts=prompts, max_tokens=max_tokens, n=n,
                              sampling=sampling, stop=_stop(body), stream=stream,
                              include_usage=include_usage, logprobs=logprobs, echo=echo,
-                             ignore_eos=_boolean(body, "ignore_eos", False))
+                             ignore_eos=_boolean(body, "ignore_eos", False),
+                             max_tokens_field=name)
 
 
-def check_room(prompt_len: int, max_tokens: int | None, limits: Limits, *, chat: bool) -> int:
+def check_room(prompt_len: int, max_tokens: int | None, limits: Limits, *, chat: bool,
+               field: str = "max_tokens") -> int:
     """The max_tokens to ask the engine for (None: the rest of the context), or a 400
     naming the prompt (too long alone) or max_tokens (too many for what is left)."""
     ctx = limits.max_context
@@ -322,7 +327,7 @@ def check_room(prompt_len: int, max_tokens: int | None, limits: Limits, *, chat:
     if max_tokens is None:
         return ctx - prompt_len
     if prompt_len + max_tokens > ctx:
-        name = "max_completion_tokens" if chat else "max_tokens"
+        name = field
         raise ServeRequestError(
             f"{name}: prompt ({prompt_len} tokens) + {name} ({max_tokens}) = "
             f"{prompt_len + max_tokens} exceeds this server's context of {ctx} tokens; "
