@@ -592,3 +592,40 @@ def test_lm_eval_local_completions_loglikelihoods(smol, smol_server, tmp_path):
     assert checked == sum(len(r["choices"]) for r in rows)
     print(f"\nlm-eval local-completions: {checked} loglikelihoods equal the adapter's; acc "
           f"{results['results']['jaxllama_serve_mc']['acc,none']:.3f}")
+
+
+# ------------------------------------------------------------------ the stop matcher alone
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from jaxllama.serve.stops import StopMatcher  # noqa: E402
+
+_ALPHABET = "ab\n "
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(_ALPHABET, max_size=40),
+       stops=st.lists(st.text(_ALPHABET, min_size=1, max_size=4), max_size=3),
+       cuts=st.lists(st.integers(0, 40), max_size=10))
+def test_stop_matcher_against_str_find(text, stops, cuts):
+    """Fed `text` in arbitrary pieces, the matcher returns exactly the text before the
+    stop string completed first, whatever the split (the reference: the whole text
+    scanned by end position with str.endswith)."""
+    bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
+    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    matcher = StopMatcher(stops)
+    out, hit = "", None
+    for piece in pieces:
+        safe, hit = matcher.push(piece)
+        out += safe
+        if hit is not None:
+            break
+    if hit is None:
+        out += matcher.flush()
+    expected, found = text, False
+    for end in range(1, len(text) + 1):
+        ending = [s for s in stops if text[:end].endswith(s)]
+        if ending:
+            expected, found = text[: end - max(len(s) for s in ending)], True
+            break
+    assert out == expected
+    assert (hit is not None) == found

@@ -6,8 +6,8 @@ from __future__ import annotations
 class StopMatcher:
     """Fed text as it is decoded, returns only text that cannot be part of a stop string.
 
-    `push(text)` returns (safe text, hit): safe text is everything up to the first stop
-    string, or, while none has matched, everything except a tail that could still become
+    `push(text)` returns (safe text, hit): safe text is everything up to the stop string
+    completed first, or, while none has matched, everything except a tail that could still become
     the start of one (held back until the next push settles it). `hit` is the stop string
     matched (the text returned then ends before it), or None. `flush()` gives the held
     tail back once the stream ended without a match.
@@ -25,15 +25,20 @@ class StopMatcher:
         if not self.stops:
             self._held = ""
             return buf, None
+        # The stop string completed first (as if the text came one character at a time),
+        # and of those ending there the longest: the result does not depend on how the
+        # text was split into pieces.
         first = None
         for stop in self.stops:
             at = buf.find(stop)
-            if at >= 0 and (first is None or at < first[0]):
-                first = (at, stop)
+            if at >= 0:
+                key = (at + len(stop), at)
+                if first is None or key < first[0]:
+                    first = (key, stop)
         if first is not None:
             self._held = ""
             self.hit = first[1]
-            return buf[: first[0]], self.hit
+            return buf[: first[0][1]], self.hit
         # The longest tail of buf that is a proper prefix of some stop string.
         keep = 0
         for stop in self.stops:
