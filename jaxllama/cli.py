@@ -49,7 +49,7 @@ _MAIN_CALLS = 0
 GENERATE_SAMPLING = dict(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
 CHAT_SAMPLING = dict(temperature=0.7, top_p=0.9, repetition_penalty=1.1)
 # Commands that get the compilation cache when no option or variable names one.
-DEFAULT_CACHE_COMMANDS = ("generate", "chat", "info", "perplexity")
+DEFAULT_CACHE_COMMANDS = ("generate", "chat", "info", "perplexity", "serve")
 
 
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bytes each step reads, and the compilations of a session of "
                                    "varied prompt lengths.")
     add_bench_arguments(p)
+    _add_serve_parser(sub)
     return parser
 
 
@@ -251,9 +252,11 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     option's name. Reads the prompt/text files into `args.prompt` / `args.text`.
     Imports nothing heavy (no JAX)."""
     p = _subparser(parser, args.command)
-    if args.command in ("generate", "chat", "perplexity"):
+    if args.command in ("generate", "chat", "perplexity", "serve"):
         _check_model(p, "--model", args.model)
         _check_weights(p, args)
+    if args.command == "serve":
+        _check_serve(p, args)
     if args.command in ("generate", "chat"):
         _check_sampling(p, args)
     if args.command == "generate":
@@ -781,9 +784,103 @@ def cmd_bench(args) -> int:
     return bench.run(args)
 
 
+# ------------------------------------------------------------------ jaxllama serve
+SERVE_GRACE_SECONDS = 30.0
+SERVE_MAX_WAITING = 256  # requests queued for a slot before 429s; bounded by default
+SERVE_TOP_LOGPROBS = 5  # OpenAI completions' most `logprobs`; chat allows 20
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (needs the [serve] extra)",
+        description="Serve a model over HTTP with OpenAI's API: /v1/completions, "
+                    "/v1/chat/completions, /v1/models, /health, /metrics, /tokenize, "
+                    "/detokenize. Needs: pip install 'jaxllama[serve]'. SIGTERM stops "
+                    "accepting, lets running requests finish for --grace-period seconds, "
+                    "cancels the rest and exits 0.")
+    _add_model_arg(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("JAXLLAMA_API_KEY") or None,
+                   help="require `Authorization: Bearer KEY` on every route but /health "
+                        "(default: $JAXLLAMA_API_KEY if set, else none)")
+    p.add_argument("--slots", type=int, default=8, help="parallel decode slots (default 8)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="most prompt + output tokens of one request (default: the model's "
+                        "context, at most 4096)")
+    p.add_argument("--page-size", type=int, default=16, help="KV-cache page size in tokens "
+                                                             "(default 16)")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV-cache pages in the pool (default: every slot at --max-context)")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="longest prompt chunk per scheduler step (default 256)")
+    p.add_argument("--decode-steps", type=int, default=8,
+                   help="decode steps per device dispatch (default 8)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt afresh (no reuse of shared prompt pages)")
+    p.add_argument("--max-waiting", type=int, default=SERVE_MAX_WAITING,
+                   help="requests waiting for a slot before new ones get 429 (default "
+                        f"{SERVE_MAX_WAITING})")
+    p.add_argument("--max-top-logprobs", type=int, default=SERVE_TOP_LOGPROBS,
+                   help="most top_logprobs a request may ask for; 0 turns logprobs off "
+                        f"(default {SERVE_TOP_LOGPROBS})")
+    p.add_argument("--max-body-bytes", type=int, default=2 * 2**20,
+                   help="largest request body; larger ones get 413 (default 2 MiB)")
+    p.add_argument("--grace-period", type=float, default=SERVE_GRACE_SECONDS,
+                   help="seconds running requests may go on after SIGTERM (default "
+                        f"{SERVE_GRACE_SECONDS:g})")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info; debug adds an access log)")
+
+
+def _check_serve(p: argparse.ArgumentParser, args) -> None:
+    from jaxllama.serve import SERVE_EXTRA_HINT, missing_modules
+
+    missing = missing_modules()
+    if missing:
+        p.error(f"the server needs {', '.join(missing)}, not installed here: "
+                f"{SERVE_EXTRA_HINT}")
+
+    def at_least(flag, value, low):
+        if value is not None and value < low:
+            p.error(f"argument {flag}: {value} is out of range; expected an integer >= {low}")
+
+    if not 0 <= args.port <= 65535:
+        p.error(f"argument --port: {args.port} is out of range; expected 0 to 65535")
+    if args.api_key is not None and not args.api_key.strip():
+        p.error("argument --api-key: an empty key")
+    for flag, value, low in (("--slots", args.slots, 1), ("--max-context", args.max_context, 2),
+                             ("--page-size", args.page_size, 1),
+                             ("--num-pages", args.num_pages, 1),
+                             ("--prefill-chunk", args.prefill_chunk, 1),
+                             ("--decode-steps", args.decode_steps, 1),
+                             ("--max-waiting", args.max_waiting, 0),
+                             ("--max-top-logprobs", args.max_top_logprobs, 0),
+                             ("--max-body-bytes", args.max_body_bytes, 1024)):
+        at_least(flag, value, low)
+    if args.max_top_logprobs > 20:
+        p.error(f"argument --max-top-logprobs: {args.max_top_logprobs} is out of range; "
+                "expected 0 to 20 (OpenAI's most top_logprobs)")
+    if not (math.isfinite(args.grace_period) and args.grace_period >= 0):
+        p.error(f"argument --grace-period: {args.grace_period} is out of range; expected a "
+                "number of seconds >= 0")
+    ctx = _context_length(args.model)
+    if ctx is not None and args.max_context is not None and args.max_context > ctx:
+        p.error(f"argument --max-context: {args.max_context} exceeds the model's context "
+                f"length {ctx} ({args.model}); expected at most {ctx}")
+
+
+def cmd_serve(args) -> int:
+    from jaxllama.serve import runner
+
+    return runner.run(args)
+
+
 COMMANDS = {
     "generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "pull": cmd_pull,
-    "perplexity": cmd_perplexity, "bench": cmd_bench,
+    "perplexity": cmd_perplexity, "bench": cmd_bench, "serve": cmd_serve,
 }
 
 

@@ -123,3 +123,18 @@ def library_errors(fn):
             setattr(wrapper, attr, getattr(fn, attr))
     wrapper.__wrapped__ = fn
     return wrapper
+
+
+class ServeRequestError(InvalidRequestError):
+    """A request that `jaxllama serve` refuses, with what OpenAI's error JSON says of it:
+    the HTTP status, the field at fault (`param`), the error `type` and `code`
+    (`jaxllama.serve.protocol`)."""
+
+    def __init__(self, message: str, *, param: str | None = None, status: int = 400,
+                 code: str | None = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.code = code
+        self.type = type

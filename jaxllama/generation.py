@@ -114,3 +114,17 @@ def score_tokens(params, tokens, cache, lengths, *, model_fn, config, attention_
     picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(logits, axis=-1) == targets
     return picked, greedy
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "config", "attention_impl", "top"))
+def score_tokens_top(params, tokens, cache, lengths, *, model_fn, config, attention_impl, top):
+    """`score_tokens` with, in place of the greedy flag, the `top` most likely next tokens
+    at each position: (B, T-1) float32 log-probabilities of the targets, (B, T-1, top)
+    int32 ids and (B, T-1, top) float32 log-probabilities, best first (`lax.top_k` order,
+    ties by lower id)."""
+    logits, _ = model_fn(params, tokens, cache, lengths, config=config,
+                         attention_impl=attention_impl, all_logits=True)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    top_logp, top_ids = jax.lax.top_k(logp, top)
+    return picked, top_ids.astype(jnp.int32), top_logp

@@ -129,12 +129,15 @@ def test_generation_calls(adapter, baseline, data):
     ids = data.draw(id_rows(vocab), "ids")
     n = data.draw(max_tokens, "max_tokens")
     config = data.draw(configs(), "config")
-    method = data.draw(st.sampled_from(["generate", "prefill", "stream", "score"]), "method")
+    method = data.draw(st.sampled_from(["generate", "prefill", "stream", "score", "score_top"]),
+                       "method")
     call = {
         "generate": lambda: adapter.generate(ids, n, config),
         "prefill": lambda: adapter.prefill(ids, config),
         "stream": lambda: adapter.stream(ids, n, config),
         "score": lambda: adapter.score(ids, batch_size=data.draw(st.one_of(st.integers(1, 3), scalars))),
+        "score_top": lambda: adapter.score_top(ids, data.draw(st.one_of(st.integers(-1, 3), ints,
+                                                                        scalars), "top")),
     }[method]
     result = returns_or_library_error(call)
     event(f"{method}: {'refused' if result is None else 'returned'}")

@@ -17,6 +17,8 @@ README = ROOT / "README.md"
 # Sections whose Python blocks cannot run here, and why.
 NOT_RUN = {
     "Running across GPUs and hosts": "needs 8 devices and a Llama-3-70B file",
+    "Serving": "needs a running `jaxllama serve` (tests/test_serve.py drives the same "
+               "client calls against one)",
 }
 
 

@@ -664,7 +664,18 @@ class LlamaInferenceAdapter:
         logprobs, _ = self._score(token_sequences, batch_size)
         return logprobs
 
-    def _score(self, token_sequences, batch_size):
+    def score_top(self, token_sequences, top: int, *, batch_size: int = 8):
+        """`score` with the `top` most likely tokens at each position (what an OpenAI
+        server's `echo` + `logprobs` returns for the prompt): for each sequence of n ids,
+        (logprobs (n-1,) float32, top_ids (n-1, top) int32, top_logprobs (n-1, top)
+        float32), best first, all log-softmax of the raw logits."""
+        if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or not (
+                1 <= top <= self.config.vocab_size):
+            raise InvalidRequestError(f"top is {top!r}, expected an integer in [1, "
+                                      f"{self.config.vocab_size}]")
+        return self._score(token_sequences, batch_size, top=int(top))
+
+    def _score(self, token_sequences, batch_size, top: int = 0):
         rows, _ = self._as_batch(token_sequences, "token_sequences")
         model = self._loaded()
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -678,6 +689,7 @@ class LlamaInferenceAdapter:
                     f"a sequence of {len(r)} tokens exceeds the context length {model.config.context_length}"
                 )
         logprobs, greedy = [None] * len(rows), [None] * len(rows)
+        tops = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -688,6 +700,17 @@ class LlamaInferenceAdapter:
                 tokens[j, : len(rows[i])] = rows[i]
                 lengths[j] = len(rows[i])
             cache = self._new_cache(batch_size, t)
+            if top:
+                lp, top_ids, top_lp = self._run(
+                    generation.score_tokens_top, model.params, self._put(tokens), cache,
+                    self._put(lengths), model_fn=self._fn(), config=model.config,
+                    attention_impl=self._impl(), top=top,
+                )
+                lp, top_ids, top_lp = _host(lp), _host(top_ids), _host(top_lp)
+                for j, i in enumerate(idx):
+                    n = len(rows[i])
+                    tops[i] = (lp[j, : n - 1], top_ids[j, : n - 1], top_lp[j, : n - 1])
+                continue
             lp, gr = self._run(
                 generation.score_tokens, model.params, self._put(tokens), cache, self._put(lengths),
                 model_fn=self._fn(), config=model.config, attention_impl=self._impl(),
@@ -696,6 +719,8 @@ class LlamaInferenceAdapter:
             for j, i in enumerate(idx):
                 n = len(rows[i])
                 logprobs[i], greedy[i] = lp[j, : n - 1], gr[j, : n - 1]
+        if top:
+            return tops
         return logprobs, greedy
 
     def loglikelihood(self, context, continuation) -> tuple[float, bool]:
