@@ -5,7 +5,9 @@ per row on the same requests.
     python -m benchmarks.eval_speed [--runs 3] [--skip-hf]
 
 End to end: each backend runs in a fresh process (jaxllama with the persistent
-compilation cache off, so compilation is counted): load the model, then
+compilation cache off, so compilation is counted; then twice more with a fresh cache
+directory, the second process reading what the first wrote, as a second `jaxllama eval`
+does with its default cache): load the model, then
 `lm_eval.simple_evaluate` over examples/eval_tasks' jaxllama_mc (20 questions, 80
 loglikelihood requests) twice. Printed: load, first run (compilation included),
 compile (first run minus the warm one), warm run, and end to end (load + first run).
@@ -27,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,10 +38,17 @@ MODEL = "smollm2-135m-instruct"
 TASK = "jaxllama_mc"
 
 
-def _one(backend: str, weights: str) -> dict:
-    """In this (fresh) process: load, then run the task twice; seconds of each."""
+def _one(backend: str, weights: str, cache: str = "off") -> dict:
+    """In this (fresh) process: load, then run the task twice; seconds of each. `cache`:
+    a persistent compilation cache directory for jaxllama (as `jaxllama eval` keeps one
+    by default), or "off"."""
     import lm_eval
     from lm_eval.tasks import TaskManager
+
+    if backend == "jaxllama" and cache != "off":
+        from jaxllama import compilation_cache
+
+        compilation_cache.enable(cache)
 
     os.chdir(ROOT)
     tm = TaskManager(include_path=str(ROOT / "examples" / "eval_tasks"))
@@ -71,9 +81,9 @@ def _one(backend: str, weights: str) -> dict:
     return dict(load=load, first=runs[0], warm=runs[1], acc=accs[0])
 
 
-def end_to_end(label: str, backend: str, weights: str) -> dict:
+def end_to_end(label: str, backend: str, weights: str, cache: str = "off") -> dict:
     env = dict(os.environ, JAXLLAMA_COMPILATION_CACHE="off", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.eval_speed", "--one", backend, weights],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.eval_speed", "--one", backend, weights, cache],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
@@ -125,7 +135,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--one", nargs=2, metavar=("BACKEND", "WEIGHTS"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, metavar=("BACKEND", "WEIGHTS", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(_one(*args.one)))
@@ -133,11 +143,15 @@ def main(argv=None):
     print(f"# end to end, {TASK} (80 requests), fresh process each", flush=True)
     ours = end_to_end("jaxllama float32", "jaxllama", "f32")
     ours_q = end_to_end("jaxllama default (int8)", "jaxllama", "default")
+    with tempfile.TemporaryDirectory() as cache:  # a later process, as `jaxllama eval` runs
+        end_to_end("jaxllama float32, fill cache", "jaxllama", "f32", cache)
+        cached = end_to_end("jaxllama float32, cache warm", "jaxllama", "f32", cache)
     if not args.skip_hf:
         hf = end_to_end("hf float32", "hf", "f32")
         print(f"end to end: hf / jaxllama float32 = x{hf['total'] / ours['total']:.2f}, "
               f"hf / jaxllama int8 = x{hf['total'] / ours_q['total']:.2f}; warm runs x"
-              f"{hf['warm'] / ours['warm']:.2f} / x{hf['warm'] / ours_q['warm']:.2f}")
+              f"{hf['warm'] / ours['warm']:.2f} / x{hf['warm'] / ours_q['warm']:.2f}; "
+              f"hf / jaxllama float32 with the compilation cache warm = x{hf['total'] / cached['total']:.2f}")
     print("# packed scoring vs one sequence per row (float32, warm)", flush=True)
     packed_vs_rows(args.runs)
 
