@@ -55,13 +55,19 @@ def hf():
 @pytest.fixture(scope="module")
 def runs(ours, hf, task_manager):
     """Both backends over the three tasks (the generation task limited to 3 items)."""
+    cwd = os.getcwd()
     os.chdir(REPO)  # the task files name their data relative to the repository root
     out = {}
-    for name, lm in (("jaxllama", ours), ("hf", hf)):
-        out[name] = {}
-        for task, limit in (("jaxllama_mc", None), ("jaxllama_paragraphs", None), ("jaxllama_short_answer", 3)):
-            out[name][task] = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=task_manager,
-                                                      limit=limit, log_samples=True, bootstrap_iters=0)
+    try:
+        for name, lm in (("jaxllama", ours), ("hf", hf)):
+            out[name] = {}
+            for task, limit in (("jaxllama_mc", None), ("jaxllama_paragraphs", None),
+                                ("jaxllama_short_answer", 3)):
+                out[name][task] = lm_eval.simple_evaluate(
+                    model=lm, tasks=[task], task_manager=task_manager, limit=limit, log_samples=True,
+                    bootstrap_iters=0)
+    finally:
+        os.chdir(cwd)
     return out
 
 
