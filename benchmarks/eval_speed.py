@@ -11,7 +11,7 @@ does with its default cache): load the model, then
 `lm_eval.simple_evaluate` over examples/eval_tasks' jaxllama_mc (20 questions, 80
 loglikelihood requests) twice. Printed: load, first run (compilation included),
 compile (first run minus the warm one), warm run, and end to end (load + first run).
-jaxllama is float32 dense (as hf) and also with the CPU default weights (int8).
+jaxllama is float32 dense (as hf; the CPU default) and also with weights="int8".
 
 Packed scoring: the 80 requests, tokenized as the backend does, scored by
 `adapter.score(..., packed=False)` (one context+continuation per row, rows padded to a
@@ -69,7 +69,7 @@ def _one(backend: str, weights: str, cache: str = "off") -> dict:
         if weights == "f32":
             lm = JaxLlamaLM(pretrained=MODEL, dtype="float32", batch_size="auto")
         else:
-            lm = JaxLlamaLM(pretrained=MODEL, batch_size="auto")  # the CPU default (int8)
+            lm = JaxLlamaLM(pretrained=MODEL, weights="int8", batch_size="auto")
     load = time.perf_counter() - t0
     runs, accs = [], []
     for _ in range(2):
@@ -142,7 +142,7 @@ def main(argv=None):
         return
     print(f"# end to end, {TASK} (80 requests), fresh process each", flush=True)
     ours = end_to_end("jaxllama float32", "jaxllama", "f32")
-    ours_q = end_to_end("jaxllama default (int8)", "jaxllama", "default")
+    ours_q = end_to_end("jaxllama int8 weights", "jaxllama", "int8")
     with tempfile.TemporaryDirectory() as cache:  # a later process, as `jaxllama eval` runs
         end_to_end("jaxllama float32, fill cache", "jaxllama", "f32", cache)
         cached = end_to_end("jaxllama float32, cache warm", "jaxllama", "f32", cache)
