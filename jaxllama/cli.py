@@ -918,8 +918,48 @@ def _quiet_broken_pipe() -> int:
     return 141  # 128 + SIGPIPE, as a command killed by the signal reports
 
 
+# ------------------------------------------------------------------ jaxllama eval
+# lm-eval 0.4.x finds backends only in its own registry (it reads no entry points), so
+# `jaxllama eval ARGS` registers the `jaxllama` backend (importing jaxllama.evaluation)
+# and runs lm-eval's own command line on ARGS, unchanged: `jaxllama eval --model
+# jaxllama --model_args pretrained=smollm2-135m-instruct --tasks ...` is `lm_eval ...`
+# with the backend known. `jaxllama eval --help` is lm-eval's help. Compiled programs
+# are kept as for `generate` ($JAXLLAMA_COMPILATION_CACHE, else the default directory).
+
+
+def eval_main(lm_eval_argv: list[str]) -> int:
+    """Run lm-eval's CLI on `lm_eval_argv` with the backend registered; its exit status."""
+    try:
+        import jaxllama.evaluation  # noqa: F401  (registers --model jaxllama)
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as exc:
+        print(f"jaxllama: error: eval needs lm-evaluation-harness ({exc}); install jaxllama[eval]",
+              file=sys.stderr)
+        return 1
+    from jaxllama import compilation_cache
+
+    path = compilation_cache.setting(None)
+    if path is not None:
+        compilation_cache.enable_or_warn(path)
+    saved = sys.argv
+    sys.argv = ["jaxllama eval", *lm_eval_argv]
+    try:
+        cli_evaluate()
+    except SystemExit as exc:  # argparse's --help and usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except JaxLlamaError as exc:
+        print(f"jaxllama: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     global _STARTED, _MAIN_CALLS
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # lm-eval parses the rest (see eval_main)
+        return eval_main(argv[1:])
     _MAIN_CALLS += 1
     if _MAIN_CALLS > 1:  # called again in one process (tests): time from this call
         _STARTED = time.perf_counter()

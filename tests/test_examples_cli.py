@@ -22,7 +22,8 @@ def _example(name):
 
 def test_every_example_is_tested():
     tested = {"basic_generation", "model_info", "prefill_decode_loop", "registry", "polymorphic",
-              "error_handling", "benchmark", "batch_evaluation", "engine_requests"}
+              "error_handling", "benchmark", "batch_evaluation", "engine_requests",
+              "pure_function_eval"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -87,6 +88,26 @@ def test_batch_evaluation(capsys):
     assert "accuracy" in out
     # SmolLM2 answers these easy ones; the rest vary. Paris and honey are checked by hand.
     assert "-> Paris    (right)" in out and "-> honey    (right)" in out
+
+
+def test_pure_function_eval(capsys):
+    """The jitted pure function's accuracy equals the adapter's packed loglikelihoods' on
+    the same items (a different code path: packed rows, segment masks)."""
+    import json
+
+    from conftest import jax_adapter
+
+    _example("pure_function_eval")([])
+    out = capsys.readouterr().out
+    adapter = jax_adapter("smollm2-135m-instruct")
+    items = [json.loads(line) for line in (EXAMPLES / "data" / "multiple_choice.jsonl").read_text().splitlines()
+             if line.strip()]
+    correct = 0
+    for item in items:
+        scores = adapter.loglikelihood_batch([(f"Question: {item['question']}\nAnswer:", " " + c)
+                                              for c in item["choices"]])
+        correct += max(range(len(scores)), key=lambda k: scores[k][0]) == item["answer"]
+    assert f"multiple_choice.jsonl: accuracy {correct}/{len(items)} " in out, out
 
 
 # ---------------------------------------------------------------- command line

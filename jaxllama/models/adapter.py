@@ -61,6 +61,11 @@ MIN_PROMPT_BUCKET = 16
 # Smallest cache: decode reads every slot, but below a few hundred slots the step costs the
 # same on a CPU and one size serves most short requests without another compilation.
 MIN_CACHE_BUCKET = 256
+# Packed scoring: rows are at least this wide (short requests share rows; below this a
+# CPU step costs about the same), and one call holds at most this many tokens (its
+# logits are tokens x vocab float32: 2048 x 49152 is 400 MB).
+MIN_PACK_WIDTH = 256
+PACK_TOKENS_PER_CALL = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -658,11 +663,71 @@ class LlamaInferenceAdapter:
             yield tail
 
     # ----- batch evaluation
-    def score(self, token_sequences, *, batch_size: int = 8) -> list[np.ndarray]:
+    def score(self, token_sequences, *, batch_size: int = 8, packed: bool = True) -> list[np.ndarray]:
         """Per-token log-probabilities: for each sequence of n ids, an array of n-1 float32
-        values, log p(ids[i] | ids[:i]) for i = 1..n-1. Jitted over padded batches."""
-        logprobs, _ = self._score(token_sequences, batch_size)
-        return logprobs
+        values, log p(ids[i] | ids[:i]) for i = 1..n-1.
+
+        Packed (the default): many sequences share each fixed-width row (see
+        `generation.score_packed`), `batch_size` rows per call at most.
+        `packed=False`: one sequence per row, `batch_size` rows per call, each padded to
+        a power of two (the earlier path, kept for comparison).
+        """
+        if not packed:
+            logprobs, _ = self._score(token_sequences, batch_size)
+            return logprobs
+        rows, _ = self._as_batch(token_sequences, "token_sequences")
+        self._check_batch_size(batch_size)
+        ctx_len = self._loaded().config.context_length
+        for r in rows:
+            if len(r) < 2:
+                raise InvalidRequestError("score needs sequences of at least 2 tokens")
+            if len(r) > ctx_len:
+                raise InvalidRequestError(f"a sequence of {len(r)} tokens exceeds the context length {ctx_len}")
+        out = self._score_packed([(r[:1], r[1:]) for r in rows], batch_size, share_context=False)
+        return [lp for lp, _ in out]
+
+    @staticmethod
+    def _check_batch_size(batch_size) -> None:
+        if batch_size is None:
+            return
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InvalidRequestError(f"batch_size is {batch_size!r}, expected an integer >= 1 or None")
+
+    def pack_width(self, longest: int) -> int:
+        """The row width packed scoring uses when its longest unit has `longest` tokens."""
+        return min(max(MIN_PACK_WIDTH, _bucket(longest)), self.config.context_length)
+
+    def _score_packed(self, requests, batch_size, *, share_context: bool):
+        """[(context ids, continuation ids)] (checked) -> [(logprobs (len(cont),) float32,
+        greedy (len(cont),) bool)], by packed rows."""
+        model = self._loaded()
+        cfg = model.config
+        # Sharing a context needs slot distance == position distance (a sliding window
+        # counts slots) and one rope scale per request (LongRoPE picks it per sequence).
+        share_context = share_context and cfg.sliding_window is None and cfg.rope_long_factors is None
+        longest = max(len(c) + len(x) - 1 for c, x in requests)
+        width = self.pack_width(longest)
+        rows = generation.pack_requests(requests, width, share_context=share_context)
+        per_call = max(1, PACK_TOKENS_PER_CALL // width)
+        if batch_size is not None:
+            per_call = min(per_call, int(batch_size))
+        out = [None] * len(requests)
+        for start in range(0, len(rows), per_call):
+            chunk = rows[start:start + per_call]
+            need = max(sum(len(requests[i][1]) for _, members in row for i in members) for row in chunk)
+            arrays = generation.packed_arrays(requests, chunk, width, _bucket(len(chunk), 1),
+                                              preds=_bucket(need))
+            lp, gr = self._run(
+                generation.score_packed, model.params, self._put(arrays.tokens),
+                self._new_cache(arrays.tokens.shape[0], width), self._put(arrays.rope_positions),
+                self._put(arrays.segment_ids), self._put(arrays.branch_ids),
+                self._put(arrays.pred_index), self._put(arrays.targets),
+                model_fn=self._fn(), config=cfg, attention_impl=self._impl(),
+            )
+            lp, gr = _host(lp), _host(gr)
+            for i, (r, a, b) in arrays.spans.items():
+                out[i] = (lp[r, a:b], gr[r, a:b])
+        return out
 
     def score_top(self, token_sequences, top: int, *, batch_size: int = 8):
         """`score` with the `top` most likely tokens at each position (what an OpenAI
@@ -730,11 +795,41 @@ class LlamaInferenceAdapter:
         ctx = self.encode(context) if isinstance(context, (str, bytes)) else self._id_row(context, "context")
         cont = (self.encode(continuation, add_special_tokens=False)
                 if isinstance(continuation, (str, bytes)) else self._id_row(continuation, "continuation"))
-        if not ctx or not cont:
-            raise InvalidRequestError("loglikelihood needs a non-empty context and continuation")
-        lp, gr = self._score([ctx + cont], 1)
-        n = len(cont)
-        return float(lp[0][-n:].sum()), bool(gr[0][-n:].all())
+        return self.loglikelihood_batch([(ctx, cont)])[0]
+
+    def loglikelihood_batch(self, pairs, *, batch_size: int | None = None,
+                            share_context: bool = True) -> list[tuple[float, bool]]:
+        """`loglikelihood` for many (context, continuation) pairs (strings or id lists),
+        scored packed: [(log p, is_greedy)] in the order given. `batch_size` caps the rows
+        per call (None: as many as fit `PACK_TOKENS_PER_CALL`). With `share_context`,
+        pairs with the same context ids feed it once (each continuation attends to it
+        and to itself only), which changes nothing but the cost."""
+        self._check_batch_size(batch_size)
+        if not isinstance(pairs, Sequence) or isinstance(pairs, (str, bytes)) or not pairs:
+            raise InvalidRequestError("loglikelihood_batch takes a non-empty list of (context, continuation) pairs")
+        requests = []
+        ctx_len = self.config.context_length
+        for k, pair in enumerate(pairs):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise InvalidRequestError(f"pair {k} is not a (context, continuation) pair")
+            context, continuation = pair
+            try:
+                ctx = (self.encode(context) if isinstance(context, (str, bytes))
+                       else self._id_row(context, "context"))
+                cont = (self.encode(continuation, add_special_tokens=False)
+                        if isinstance(continuation, (str, bytes)) else self._id_row(continuation, "continuation"))
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(f"pair {k}: {exc}") from None
+            if not ctx or not cont:
+                raise InvalidRequestError(f"pair {k}: loglikelihood needs a non-empty context and continuation")
+            if len(ctx) + len(cont) > ctx_len + 1:
+                raise InvalidRequestError(
+                    f"pair {k}: context ({len(ctx)} tokens) + continuation ({len(cont)}) - 1 exceeds "
+                    f"the context length {ctx_len}; truncate the context from the left"
+                )
+            requests.append((ctx, cont))
+        out = self._score_packed(requests, batch_size, share_context=share_context)
+        return [(float(lp.sum()), bool(gr.all())) for lp, gr in out]
 
     def perplexity(self, ids: Sequence[int], *, context: int | None = None, stride: int | None = None,
                    progress: bool = False) -> tuple[float, int]:

@@ -157,6 +157,8 @@ def rope_tables(config: ModelConfig, positions: Array, row_max_position: Array) 
 
     LongRoPE (Phi-3) picks the long factors for a row whose furthest position in this call
     is beyond the original context, as transformers does per forward call.
+    `row_max_position` is (B,), or (B, T) for a packed row (each token's own sequence's
+    furthest position).
     """
     base = config.inv_freq()
     pos = positions.astype(jnp.float32)[..., None]
@@ -166,7 +168,8 @@ def rope_tables(config: ModelConfig, positions: Array, row_max_position: Array) 
     else:
         short = jnp.asarray(base / np.asarray(config.rope_short_factors), jnp.float32)
         long_ = jnp.asarray(base / np.asarray(config.rope_long_factors), jnp.float32)
-        use_long = (row_max_position + 1 > config.rope_original_context)[:, None, None]
+        use_long = row_max_position + 1 > config.rope_original_context
+        use_long = use_long[:, None, None] if use_long.ndim == 1 else use_long[:, :, None]
         angles = pos * jnp.where(use_long, long_, short)
         scale = config.rope_attn_factor
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
@@ -201,18 +204,21 @@ def _write_cache(cache: Array, new: Array, positions: Array) -> Array:
 
 def _attention(
     policy: BackendPolicy, q, k, v, cache_lengths, num_new, positions, config: ModelConfig,
-    sm_scale: float,
+    sm_scale: float, segment_ids=None, branch_ids=None,
 ):
     """The attention `policy` names; a Pallas kernel or cuDNN call that does not compile
-    here falls back to `xla_attention` (see `jaxllama.backend.kernel_compiles`)."""
+    here falls back to `xla_attention` (see `jaxllama.backend.kernel_compiles`). Packed
+    rows (segment ids given) always run `xla_attention`: the kernels have no segment
+    masks."""
     impl = policy.attention
     kv_lengths = cache_lengths + num_new
 
     def xla():
         return xla_attention(q, k, v, positions, kv_lengths, sm_scale=sm_scale,
-                             sliding_window=config.sliding_window, finite_values=True)
+                             sliding_window=config.sliding_window, finite_values=True,
+                             segment_ids=segment_ids, branch_ids=branch_ids)
 
-    if impl == "xla":
+    if impl == "xla" or segment_ids is not None:
         return xla()
     if config.sliding_window is not None and config.sliding_window < k.shape[2]:
         raise UnsupportedOperation(
@@ -305,6 +311,10 @@ def forward(
     attend_len: int | None = None,
     all_logits: bool = False,
     shard=None,
+    rope_positions: Array | None = None,
+    segment_ids: Array | None = None,
+    branch_ids: Array | None = None,
+    logits_at: Array | None = None,
 ) -> tuple[Array, KVCache]:
     """Run `tokens` (B, T) through the model, appending them to `cache`.
 
@@ -318,6 +328,13 @@ def forward(
     InvalidRequestError). `shard` (static), a
     `jaxllama.sharding.ShardingPlan`, pins the new cache to the plan's layout when the
     arrays live on a mesh.
+
+    Packed rows (`jaxllama.generation.score_packed`): `rope_positions` (B, T) int gives
+    each token's position within its own sequence (default: its cache slot);
+    `segment_ids` / `branch_ids` (B, S) int, the per-slot ids of
+    `jaxllama.pallas.reference.attention_mask`, keep the sequences from seeing each
+    other; `logits_at` (B, P) int picks the token indices whose logits are returned,
+    (B, P, V) (instead of the last real token's or all of them).
     """
     t = tokens.shape[1]
     policy = backend.as_policy(attention_impl, shard)
@@ -325,7 +342,17 @@ def forward(
     num_new = num_new.astype(jnp.int32)
     start = cache.lengths
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    cos, sin = rope_tables(config, positions, start + num_new - 1)
+    if rope_positions is None:
+        cos, sin = rope_tables(config, positions, start + num_new - 1)
+    else:
+        rope_positions = rope_positions.astype(jnp.int32)
+        row_max = jnp.max(rope_positions, axis=1)
+        if config.rope_long_factors is not None and segment_ids is not None:
+            # LongRoPE decides per sequence: each token gets its own segment's furthest position.
+            own = jnp.take_along_axis(segment_ids, positions, axis=1)  # (B, T)
+            same = own[:, :, None] == own[:, None, :]
+            row_max = jnp.max(jnp.where(same, rope_positions[:, None, :], 0), axis=-1)
+        cos, sin = rope_tables(config, rope_positions, row_max)
     sm_scale = 1.0 / float(np.sqrt(config.head_dim))
     s_read = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
 
@@ -342,10 +369,14 @@ def forward(
         return _attention(
             policy, q, k_cache[:, :, :s_read], v_cache[:, :, :s_read], start, num_new,
             positions, config, sm_scale,
+            None if segment_ids is None else segment_ids[:, :s_read],
+            None if branch_ids is None else branch_ids[:, :s_read],
         )
 
     x = decoder_layers(params, x, cos, sin, attend, config=config, mm=mm)
-    if not all_logits:
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, :, None], axis=1)
+    elif not all_logits:
         last = jnp.clip(num_new - 1, 0, t - 1)
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     logits = output_logits(params, x, config=config, mm=mm)

@@ -3,7 +3,11 @@
 One mask rule, written once (`attention_mask`): query t of row b, at absolute cache slot
 ``q_positions[b, t]``, sees slot s iff ``s <= q_positions[b, t]`` and ``s < kv_lengths[b]``
 (and, with a sliding window W, ``s > q_positions[b, t] - W``). A query that sees no slot
-gives 0. `jaxllama.models.transformer` runs `xla_attention`; the kernels' references
+gives 0. A packed row (many sequences side by side in one row, for scoring) adds per-slot
+segment ids: the query at slot q sees slot s only if ``segment_ids[b, s] ==
+segment_ids[b, q]``; with branch ids too (sequences that share a context: the context
+is branch 0, each continuation its own branch > 0), also only if ``branch_ids[b, s]``
+is 0 or equals ``branch_ids[b, q]``. `jaxllama.models.transformer` runs `xla_attention`; the kernels' references
 (`flash_attention_reference`, `decode_attention_reference`) are it with their own
 argument layouts, and the kernels' docstrings promise the same rule.
 
@@ -20,27 +24,38 @@ Array = jax.Array
 
 
 def attention_mask(q_positions: Array, kv_lengths: Array, num_slots: int,
-                   sliding_window: int | None = None) -> Array:
+                   sliding_window: int | None = None, segment_ids: Array | None = None,
+                   branch_ids: Array | None = None) -> Array:
     """(B, T, S) bool: which of `num_slots` cache slots each query may attend.
 
     q_positions (B, T) int: the absolute slot of each query; kv_lengths (B,) int: the
-    valid slots of each row.
+    valid slots of each row. segment_ids / branch_ids (B, S) int, optional: the packed
+    rows' per-slot ids (module doc); a query's own ids are those of its slot, which must
+    be below `num_slots`.
     """
     slots = jnp.arange(num_slots)[None, None, :]
     qpos = q_positions[:, :, None]
     mask = (slots <= qpos) & (slots < kv_lengths[:, None, None])
     if sliding_window is not None:
         mask &= slots > qpos - sliding_window
+    if segment_ids is not None:
+        own = jnp.take_along_axis(segment_ids, q_positions, axis=1)  # (B, T)
+        mask &= segment_ids[:, None, :] == own[:, :, None]
+    if branch_ids is not None:
+        own = jnp.take_along_axis(branch_ids, q_positions, axis=1)
+        mask &= (branch_ids[:, None, :] == 0) | (branch_ids[:, None, :] == own[:, :, None])
     return mask
 
 
 def xla_attention(
     q: Array, k: Array, v: Array, q_positions: Array, kv_lengths: Array, *, sm_scale: float,
     sliding_window: int | None = None, finite_values: bool = False,
+    segment_ids: Array | None = None, branch_ids: Array | None = None,
 ) -> Array:
     """Plain-XLA attention. q (B, T, N, H), k/v (B, K, S, H) -> (B, T, N, H) in q.dtype.
 
-    The mask is `attention_mask`. Logits are accumulated in float32 and softmaxed in
+    The mask is `attention_mask` (segment_ids / branch_ids (B, S) for packed rows).
+    Logits are accumulated in float32 and softmaxed in
     float32; the weights are rounded to v's dtype for the weighted sum (float32
     accumulation), as the kernels do. Slots a query may not see never reach its output,
     whatever they hold (NaN included), unless `finite_values` says that v's slots past
@@ -50,7 +65,8 @@ def xla_attention(
     """
     b, t, n, h = q.shape
     kh = k.shape[1]
-    mask = attention_mask(q_positions, kv_lengths, k.shape[2], sliding_window)[:, None, None]
+    mask = attention_mask(q_positions, kv_lengths, k.shape[2], sliding_window, segment_ids,
+                          branch_ids)[:, None, None]
     qg = q.reshape(b, t, kh, n // kh, h)
     scores = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32) * sm_scale
     scores = jnp.where(mask, scores, -jnp.inf)
