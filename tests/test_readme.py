@@ -36,7 +36,7 @@ def python_blocks() -> list[tuple[str, str]]:
 def test_every_block_is_run_or_excused():
     sections = [s for s, _ in python_blocks()]
     assert "The library" in sections
-    assert set(sections) - {"The library"} <= set(NOT_RUN)
+    assert set(sections) - {"The library", "Many requests at once: the engine"} <= set(NOT_RUN)
 
 
 @pytest.mark.slow

@@ -316,14 +316,14 @@ def test_sigterm_exits_zero_within_grace(tiny_path):
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
-    grace = 3.0
+    grace = 2.0
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
         + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "jaxllama", "serve", "--model", str(tiny_path), "--port",
          str(port), "--slots", "2", "--max-context", "4096", "--prefill-chunk", "64",
-         "--decode-steps", "2", "--grace-period", str(grace), "--log-level", "warning"],
+         "--decode-steps", "1", "--grace-period", str(grace), "--log-level", "warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -332,7 +332,8 @@ def test_sigterm_exits_zero_within_grace(tiny_path):
                 # greedy from "sun", this model repeats one token without an EOS for
                 # thousands of tokens (checked with adapter.generate), so it outlasts the
                 # grace period
-                "prompt": "sun", "max_tokens": 3000, "temperature": 0,
+                # (one token a dispatch: slow enough that 4000 outlast the grace period)
+                "prompt": "sun", "max_tokens": 4000, "temperature": 0,
                 "stream": True}) as r:
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
@@ -352,8 +353,15 @@ def test_sigterm_exits_zero_within_grace(tiny_path):
               f"{len(rest)} more events and ended after {cut:.1f} s")
         assert code == 0, out[-3000:]
         assert took < grace + 20
-        assert cut >= grace - 0.5 and len(rest) > 20  # it went on during the grace period
-        assert "data: [DONE]" not in rest  # and was cut, not finished
+        # It went on during the grace period, not cut at SIGTERM. (Half the period: on a
+        # loaded 2-core machine the cut was once seen at 2.2 s of 3 s; alone, 3.2 s.)
+        assert cut >= grace / 2 and len(rest) > 20
+        # And was cut, not finished: either the connection ends, or (when the engine
+        # closes first) the stream ends with finish_reason "abort" and [DONE].
+        reasons = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest
+                   if line != "data: [DONE]" and json.loads(line[6:]).get("choices")]
+        assert not {"stop", "length"} & set(reasons), reasons[-3:]
+        assert "data: [DONE]" not in rest or "abort" in reasons
     finally:
         if proc.poll() is None:
             proc.kill()
