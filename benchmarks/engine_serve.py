@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.workload import token_range
 from jaxllama import hub
 from jaxllama.bench import CompileLog
 from jaxllama.engine.scheduler import Engine
@@ -52,13 +53,6 @@ from jaxllama.models import LlamaInferenceAdapter
 # Random prompt ids are drawn above the special tokens of the packaged models.
 FIRST_ID = 100
 
-
-def _range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    lo, hi = int(lo), int(hi or lo)
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected A:B with 1 <= A <= B")
-    return lo, hi
 
 
 def _stats(values: list[float]) -> str:
@@ -278,8 +272,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--scenario", default="all", choices=("all", *SCENARIOS))
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--prompt-len", type=_range, default=(64, 512))
-    ap.add_argument("--new", type=_range, default=(64, 128))
+    ap.add_argument("--prompt-len", type=token_range, default=(64, 512))
+    ap.add_argument("--new", type=token_range, default=(64, 128))
     ap.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second (0: together)")
     ap.add_argument("--sequential", type=int, default=0,
                     help="time only the first K requests one after another (0: all)")

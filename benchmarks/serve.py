@@ -36,6 +36,8 @@ import time
 import httpx
 import numpy as np
 
+from benchmarks.workload import token_range
+
 WORDS = ("time person year way day thing man world life hand part child eye woman place "
          "work week case point government company number group problem fact").split()
 
@@ -207,13 +209,6 @@ def spawn(args) -> subprocess.Popen:
     raise SystemExit(f"jaxllama serve not healthy after {args.spawn_timeout} s")
 
 
-def _range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    lo, hi = int(lo), int(hi or lo)
-    if not 1 <= lo <= hi:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LOW:HIGH with 1 <= LOW <= HIGH")
-    return lo, hi
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -226,7 +221,7 @@ def parse_args(argv=None):
     p.add_argument("--api-key", default=None)
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--prompt-len", type=_range, default=(128, 512), help="LOW:HIGH tokens")
+    p.add_argument("--prompt-len", type=token_range, default=(128, 512), help="LOW:HIGH tokens")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompts", choices=["ids", "text"], default="ids")
     p.add_argument("--vocab-size", type=int, default=32000,

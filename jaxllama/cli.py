@@ -362,35 +362,6 @@ class _CompileNotices:
         _err(f"{newline}jaxllama: {self._label} (first time only)...")
 
 
-class _StopFilter:
-    """Holds back text that may be the start of a stop string; cuts before the first stop."""
-
-    def __init__(self, stops):
-        self.stops = list(stops)
-        self.pending = ""
-        self.hit: str | None = None
-
-    def push(self, text: str) -> str:
-        buf = self.pending + text
-        found = [(buf.find(s), s) for s in self.stops if s in buf]
-        if found:
-            at, self.hit = min(found)
-            self.pending = ""
-            return buf[:at]
-        keep = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:k]):
-                    keep = k
-                    break
-        self.pending = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep]
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
 @dataclasses.dataclass
 class Reply:
     """One reply and how it went (what `--json` prints)."""
@@ -422,7 +393,9 @@ def run_reply(adapter, ids: list[int], max_tokens: int, config, *, stops=(), wri
     watch = notices.watch
     eos = set(adapter.eos_ids())
     decoder = adapter.tokenizer.stream_decoder(skip_special_tokens=True)
-    stopper = _StopFilter(stops)
+    from jaxllama.serve.stops import StopMatcher  # JAX- and FastAPI-free
+
+    stopper = StopMatcher(list(stops))
     pieces: list[str] = []
     generated: list[int] = []
     waits: list[tuple[float, float, int]] = []  # (seconds, compile seconds, compilations)
@@ -450,9 +423,9 @@ def run_reply(adapter, ids: list[int], max_tokens: int, config, *, stops=(), wri
             if not generated:
                 first_since_start = time.perf_counter() - _STARTED
             generated.append(token)
-            emit(stopper.push(decoder.push(token)))
+            emit(stopper.push(decoder.push(token))[0])
         if stopper.hit is None:
-            emit(stopper.push(decoder.flush()))
+            emit(stopper.push(decoder.flush())[0])
             emit(stopper.flush())
     except KeyboardInterrupt:
         interrupted = True

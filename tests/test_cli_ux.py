@@ -293,12 +293,15 @@ def test_unusable_cache_directory_is_a_warning(tmp_path):
 
 
 def test_stop_filter_holds_back_partial_matches():
-    f = cli._StopFilter(["</end>", "STOP"])
-    assert f.push("abc</e") == "abc" and f.pending == "</e"
-    assert f.push("nx") == "</enx"  # not a stop after all: released
-    assert f.push("S") == "" and f.push("TOPxyz") == "" and f.hit == "STOP"
-    g = cli._StopFilter(["ab"])
-    assert g.push("xa") == "x" and g.flush() == "a"
+    """The stop-text rule `generate --stop` uses (the server's StopMatcher)."""
+    from jaxllama.serve.stops import StopMatcher
+
+    f = StopMatcher(["</end>", "STOP"])
+    assert f.push("abc</e") == ("abc", None) and f._held == "</e"
+    assert f.push("nx") == ("</enx", None)  # not a stop after all: released
+    assert f.push("S") == ("", None) and f.push("TOPxyz") == ("", "STOP") and f.hit == "STOP"
+    g = StopMatcher(["ab"])
+    assert g.push("xa") == ("x", None) and g.flush() == "a"
 
 
 # ------------------------------------------------------------------ with the model
