@@ -90,7 +90,8 @@ class _Peak:
 def _engine(adapter, args, *, max_context: int, num_slots: int) -> Engine:
     return Engine.from_adapter(adapter, num_slots=num_slots, max_context=max_context,
                                page_size=args.page_size, prefill_chunk=args.prefill_chunk,
-                               decode_steps=args.decode_steps)
+                               decode_steps=args.decode_steps,
+                               prefill_budget=args.prefill_budget)
 
 
 def _warm(engine: Engine, log: CompileLog) -> None:
@@ -281,6 +282,8 @@ def main(argv=None):
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--decode-steps", type=int, default=8)
+    ap.add_argument("--prefill-budget", type=int, default=None,
+                    help="prompt tokens per scheduler iteration (default: the engine's)")
     ap.add_argument("--prefix-len", type=int, default=1024)
     ap.add_argument("--prefix-requests", type=int, default=16)
     ap.add_argument("--long-prompt", type=int, default=2048)

@@ -788,6 +788,9 @@ def _add_serve_parser(sub) -> None:
                    help="KV-cache pages in the pool (default: every slot at --max-context)")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="longest prompt chunk per scheduler step (default 256)")
+    p.add_argument("--prefill-budget", type=int, default=None,
+                   help="prompt tokens the engine runs between two decode dispatches "
+                        "(whole chunks; default 1024 or --prefill-chunk if larger)")
     p.add_argument("--decode-steps", type=int, default=8,
                    help="decode steps per device dispatch (default 8)")
     p.add_argument("--no-prefix-caching", action="store_true",
@@ -828,6 +831,7 @@ def _check_serve(p: argparse.ArgumentParser, args) -> None:
                              ("--page-size", args.page_size, 1),
                              ("--num-pages", args.num_pages, 1),
                              ("--prefill-chunk", args.prefill_chunk, 1),
+                             ("--prefill-budget", args.prefill_budget, 1),
                              ("--decode-steps", args.decode_steps, 1),
                              ("--max-waiting", args.max_waiting, 0),
                              ("--max-top-logprobs", args.max_top_logprobs, 0),

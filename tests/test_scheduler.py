@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hf_to_gguf import tiny_hf_model, write_gguf
+from jaxllama.engine import steps
 from jaxllama.engine.scheduler import Engine
 from jaxllama.errors import EngineClosed, InvalidRequestError, QueueFull
 from jaxllama.models import AdapterForwardConfig, LlamaInferenceAdapter, load_gguf
@@ -102,6 +103,7 @@ def test_random_schedules(adapter, data):
     cancellations, with prefix caching on or off: every request not cancelled equals
     its reference, a cancelled one's tokens are a prefix of it, nothing leaks."""
     caching = data.draw(st.booleans(), label="prefix_caching")
+    budget = data.draw(st.sampled_from([None, 1, 8, 20]), label="prefill_budget")
     n = data.draw(st.integers(2, 7), label="requests")
     base = list(range(3, 11))
     requests, cancel = [], []
@@ -112,7 +114,7 @@ def test_random_schedules(adapter, data):
         requests.append((base[:share] + tail, data.draw(st.integers(1, 10)),
                          data.draw(st.sampled_from(SETTINGS))))
         cancel.append(data.draw(st.booleans()) and data.draw(st.booleans()))
-    with _engine(adapter, prefix_caching=caching) as engine:
+    with _engine(adapter, prefix_caching=caching, prefill_budget=budget) as engine:
         handles = []
         for (p, m, s), c in zip(requests, cancel):
             handles.append(engine.submit(p, m, **s))
@@ -128,6 +130,39 @@ def test_random_schedules(adapter, data):
         if not caching:
             assert engine.metrics().prefix_hit_tokens == 0
         _check_idle(engine)
+
+
+def test_prefill_budget_bounds_prompt_tokens_between_decode_dispatches(adapter, monkeypatch):
+    """Between two decode dispatches the scheduler runs whole prompt chunks, oldest
+    request first, until the next would pass prefill_budget (the first always runs).
+    A 3-token prompt and a 40-token one arrive together (chunk 8, budget 20): the first
+    iteration runs 3 + 8 + 8 (another 8 would make 27), the next 8 + 8, the last 8,
+    each followed by one decode dispatch of the stream that started first."""
+    calls = []
+    real_prefill, real_decode = steps.prefill_chunk, steps.decode
+
+    def prefill(*args, **kwargs):
+        calls.append(int(args[5]))  # num_valid
+        return real_prefill(*args, **kwargs)
+
+    def decode(*args, **kwargs):
+        calls.append("decode")
+        return real_decode(*args, **kwargs)
+
+    engine = _engine(adapter, prefill_budget=20)
+    engine.warmup()  # before start: on this thread, not recorded below
+    monkeypatch.setattr(steps, "prefill_chunk", prefill)
+    monkeypatch.setattr(steps, "decode", decode)
+    stream = engine.submit([5, 6, 7], 40, stop_ids=())
+    long = engine.submit(list(range(3, 43)), 2, stop_ids=())
+    with engine:  # both are in the inbox when the first iteration runs
+        assert long.result(timeout=WAIT).finish_reason == "length"
+        stream.cancel()
+        stream.result(timeout=WAIT)
+    assert calls[:9] == [3, 8, 8, "decode", 8, 8, "decode", 8, "decode"]
+    assert set(calls[9:]) == {"decode"}
+    with pytest.raises(InvalidRequestError, match="prefill_budget"):
+        _engine(adapter, prefill_budget=0)
 
 
 def test_stream_iterators_and_callback(adapter):

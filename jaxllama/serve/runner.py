@@ -41,7 +41,8 @@ def build_engine(adapter, args):
         adapter, num_slots=args.slots, max_context=args.max_context, page_size=args.page_size,
         num_pages=args.num_pages, prefill_chunk=args.prefill_chunk,
         decode_steps=args.decode_steps, prefix_caching=not args.no_prefix_caching,
-        max_waiting=args.max_waiting, top_logprobs=args.max_top_logprobs)
+        max_waiting=args.max_waiting, top_logprobs=args.max_top_logprobs,
+        prefill_budget=args.prefill_budget)
 
 
 def run(args) -> int:
