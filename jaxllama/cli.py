@@ -790,7 +790,7 @@ def _add_serve_parser(sub) -> None:
                    help="longest prompt chunk per scheduler step (default 256)")
     p.add_argument("--prefill-budget", type=int, default=None,
                    help="prompt tokens the engine runs between two decode dispatches "
-                        "(whole chunks; default 1024 or --prefill-chunk if larger)")
+                        "while requests decode (whole chunks; default one --prefill-chunk)")
     p.add_argument("--decode-steps", type=int, default=8,
                    help="decode steps per device dispatch (default 8)")
     p.add_argument("--no-prefix-caching", action="store_true",

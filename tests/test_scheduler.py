@@ -133,11 +133,12 @@ def test_random_schedules(adapter, data):
 
 
 def test_prefill_budget_bounds_prompt_tokens_between_decode_dispatches(adapter, monkeypatch):
-    """Between two decode dispatches the scheduler runs whole prompt chunks, oldest
-    request first, until the next would pass prefill_budget (the first always runs).
-    A 3-token prompt and a 40-token one arrive together (chunk 8, budget 20): the first
-    iteration runs 3 + 8 + 8 (another 8 would make 27), the next 8 + 8, the last 8,
-    each followed by one decode dispatch of the stream that started first."""
+    """While a slot decodes, the scheduler runs whole prompt chunks between two decode
+    dispatches, oldest request first, until the next would pass prefill_budget (the
+    first always runs); while none decodes, every pending chunk. A 40-token prompt
+    (chunk 8, budget 20) arriving once a stream decodes runs 8 + 8 (another 8 would
+    make 24), 8 + 8, 8, a decode dispatch after each; a burst arriving at an idle
+    engine is prefilled in one go (4 + 8 + 8 + 8 + 8 + 8 before the first dispatch)."""
     calls = []
     real_prefill, real_decode = steps.prefill_chunk, steps.decode
 
@@ -149,18 +150,37 @@ def test_prefill_budget_bounds_prompt_tokens_between_decode_dispatches(adapter, 
         calls.append("decode")
         return real_decode(*args, **kwargs)
 
+    long_prompt = list(range(3, 43))
+    arrived = []
+
+    def on_token(handle, token):  # on the scheduler thread: the stream is decoding now
+        if not arrived:
+            arrived.append(engine.submit(long_prompt, 2, stop_ids=()))
+
     engine = _engine(adapter, prefill_budget=20)
     engine.warmup()  # before start: on this thread, not recorded below
     monkeypatch.setattr(steps, "prefill_chunk", prefill)
     monkeypatch.setattr(steps, "decode", decode)
-    stream = engine.submit([5, 6, 7], 40, stop_ids=())
-    long = engine.submit(list(range(3, 43)), 2, stop_ids=())
-    with engine:  # both are in the inbox when the first iteration runs
-        assert long.result(timeout=WAIT).finish_reason == "length"
+    with engine:
+        stream = engine.submit([5, 6, 7], 40, stop_ids=(), callback=on_token)
+        _wait_running(stream)
+        for _ in range(WAIT * 20):
+            if arrived:
+                break
+            threading.Event().wait(0.05)
+        assert arrived[0].result(timeout=WAIT).finish_reason == "length"
         stream.cancel()
         stream.result(timeout=WAIT)
-    assert calls[:9] == [3, 8, 8, "decode", 8, 8, "decode", 8, "decode"]
-    assert set(calls[9:]) == {"decode"}
+    assert calls[:10] == [3, "decode", 8, 8, "decode", 8, 8, "decode", 8, "decode"]
+    assert set(calls[10:]) == {"decode"}
+
+    calls.clear()
+    engine = _engine(adapter, prefill_budget=20)
+    burst = [engine.submit([9, 10, 11, 12], 3, stop_ids=()),
+             engine.submit(long_prompt, 3, stop_ids=())]
+    with engine:  # both are in the inbox when the first iteration runs
+        assert [h.result(timeout=WAIT).finish_reason for h in burst] == ["length", "length"]
+    assert calls[:7] == [4, 8, 8, 8, 8, 8, "decode"]
     with pytest.raises(InvalidRequestError, match="prefill_budget"):
         _engine(adapter, prefill_budget=0)
 
@@ -233,7 +253,8 @@ def test_session_compiles_nothing_after_warmup(adapter):
     """100 requests of varied prompt and output lengths (first chunks of every bucket,
     long prompts in several chunks, prefix-cache hits that start mid-prompt) compile no
     program after `warmup`: every shape a schedule can meet is in
-    spec.prefill_shapes() and spec.windows, whatever the number of requests."""
+    spec.prefill_shapes() and spec.decode_widths x spec.windows, whatever the number
+    of requests."""
     from jaxllama.bench import CompileLog
 
     rng = np.random.default_rng(5)
@@ -244,10 +265,11 @@ def test_session_compiles_nothing_after_warmup(adapter):
         engine.warmup()
         spec = engine.spec
         warm = len(log.since(mark))
-        bound = len(spec.prefill_shapes()) + len(spec.windows) + 3  # + set_pages, insert, release
+        decodes = len(spec.decode_widths) * len(spec.windows)
+        bound = len(spec.prefill_shapes()) + decodes + 3  # + set_pages, insert, release
         print(f"warmup compiled {warm} programs (bound {bound}): prefill {spec.prefill_shapes()}, "
-              f"decode windows {spec.windows}")
-        assert len(spec.windows) > 1 and warm <= bound + 4  # + small helpers
+              f"decode widths {spec.decode_widths} x windows {spec.windows}")
+        assert len(spec.windows) > 1 and len(spec.decode_widths) > 1 and warm <= bound + 4
         mark = log.mark()
         handles = []
         for i in range(100):

@@ -18,23 +18,24 @@ state and the page allocator):
    the prompt, and reserve (not allocate) the pages its output can grow into, so that
    growth never waits on another request and no request is ever preempted;
 4. run prompt chunks (each at most `EngineSpec.chunk_size` tokens), oldest prefilling
-   request first, until the next would take this iteration past `prefill_budget`
-   prompt tokens (at least one chunk runs); a request whose prompt is done is inserted
-   (its first token sampled) and its full prompt pages offered to the prefix cache;
+   request first: while slots were decoding when the iteration began, until the next
+   chunk would take the iteration past `prefill_budget` prompt tokens (at least one
+   chunk runs); while none were, every pending chunk (no stream waits on them). A
+   request whose prompt is done is inserted (its first token sampled) and its full
+   prompt pages offered to the prefix cache;
 5. allocate the pages every decoding slot needs for the next N positions;
-6. one `decode` dispatch of N steps for all slots; its tokens go to their requests,
+6. one `decode` dispatch of N steps for the decoding slots (run at the narrowest of
+   `EngineSpec.decode_widths` that holds them); its tokens go to their requests,
    and a request that ended (a stop id or max_tokens, decided on the host by the same
    rule as on the device) frees its slot and pages.
 
-Because step 4 runs at most `prefill_budget` prompt tokens per iteration while slots
-decode, a long prompt delays running streams by at most that much prefill per N
-tokens. The budget trades the two costs a CPU pays: a decode dispatch costs the whole
-slot batch however few slots are decoding, so with one chunk per dispatch a burst of
-requests spends most of its time in dispatches that carry few streams (32 requests of
-64-512 tokens: 35 chunks, 35 full-width dispatches before the last stream starts).
-The default (1,024 tokens: four 256-token chunks, about one 32-slot decode dispatch of
-8 steps on a 2-core CPU) fills the slots within a few dispatches and keeps the longest
-gap of a running stream near twice its usual one.
+Because step 4 runs at most `prefill_budget` prompt tokens (one chunk by default) per
+iteration while slots decode, a long prompt arriving delays running streams by at most
+one chunk per N tokens. When no slot is decoding nobody waits on a prompt, so a burst of
+requests arriving together is prefilled in one go and decodes at full width at once:
+run one chunk at a time between decode dispatches instead, and the first requests of a
+32-request burst finish before the last start (a CPU pays a dispatch by its width, not
+by the streams it carries).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllama.engine import steps
@@ -60,9 +62,6 @@ from jaxllama.errors import EngineClosed, InvalidRequestError, QueueFull
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
-
-# Prompt tokens per scheduler iteration unless told otherwise (see the module doc).
-DEFAULT_PREFILL_BUDGET = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,15 +270,15 @@ class Engine:
       max_waiting: the most requests waiting for a slot; `submit` raises QueueFull past
         it. None: unbounded.
       prefill_budget: the prompt tokens one scheduler iteration may run before its
-        decode dispatch (whole chunks; at least one chunk runs). None: 1024 or
-        spec.chunk_size, whichever is larger.
+        decode dispatch while slots are decoding (whole chunks; at least one chunk
+        runs). None: spec.chunk_size (one chunk).
     """
 
     def __init__(self, params, spec: EngineSpec, *, eos_ids: Sequence[int] = (),
                  prefix_caching: bool = True, max_waiting: int | None = None,
                  prefill_budget: int | None = None):
         if prefill_budget is None:
-            prefill_budget = max(DEFAULT_PREFILL_BUDGET, spec.chunk_size)
+            prefill_budget = spec.chunk_size
         if (isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int)
                 or prefill_budget < 1):
             raise InvalidRequestError(f"prefill_budget is {prefill_budget!r}; expected None or "
@@ -550,16 +549,18 @@ class Engine:
         self._state = steps.set_pages(self._state, np.int32(run.slot), row)
 
     def _prefill(self) -> None:
-        """Prompt chunks of the prefilling requests, oldest first, while they fit in
-        this iteration's prefill_budget (the first always runs)."""
+        """Prompt chunks of the prefilling requests, oldest first: while they fit in
+        prefill_budget (the first always runs) if any slot is decoding, else all."""
+        bounded = any(run.decoding for run in self._running.values())
         spent = 0
         while True:
-            pending = [r for r in self._running.values() if not r.decoding]
+            pending = [r for r in self._running.values()
+                       if not r.decoding and not r.handle._cancel.is_set()]
             if not pending:
                 return
             run = min(pending, key=lambda r: r.handle.request_id)
             size = min(self.spec.chunk_size, run.handle.prompt_len - run.prefilled)
-            if spent and spent + size > self.prefill_budget:
+            if bounded and spent and spent + size > self.prefill_budget:
                 return
             self._prefill_chunk(run)
             spent += size
@@ -623,7 +624,7 @@ class Engine:
                 self._set_pages(run)
         window = spec.window(max(len(run.pages) for run in decoding))
         self._state, tokens, valid, logprobs = steps.decode(self.params, self._state, spec,
-                                                            window)
+                                                            window, self._rows(decoding))
         tokens, valid, logprobs = jax.device_get((tokens, valid, logprobs))
         now = time.monotonic()
         for run in decoding:
@@ -632,9 +633,18 @@ class Engine:
                                                      (n, run.slot), now):
                     break
 
+    def _rows(self, decoding: list[_Running]) -> np.ndarray:
+        """The slots a decode dispatch runs: the decoding ones, then slots that are not
+        decoding (they stay as they are) up to the narrowest of spec.decode_widths."""
+        width = self.spec.decode_width(len(decoding))
+        chosen = [run.slot for run in decoding]
+        taken = set(chosen)
+        chosen += [s for s in range(self.spec.num_slots) if s not in taken][: width - len(chosen)]
+        return np.asarray(chosen, np.int32)
+
     def _warmup(self) -> None:
         """Run every program a request can meet once, on scratch pages (freed after),
-        outside any request: decode at every window, and prefill at every
+        outside any request: decode at every width and window, and prefill at every
         `spec.prefill_shapes()`."""
         spec = self.spec
         slot = next(s for s in range(spec.num_slots) if s not in self._running)
@@ -652,8 +662,15 @@ class Engine:
                                                 np.int32(1), spec, window)
         request = SlotRequest.create(spec, max_tokens=1)
         state, _, _ = steps.insert(state, np.int32(slot), logits, request, spec)
-        for window in spec.windows:
-            state, *_ = steps.decode(self.params, state, spec, window)  # the slot is finished: idles
+        # Decode with every slot marked inactive, so that no row runs (requests that
+        # are running, if any, do not advance); then their marks are put back.
+        active = state.active
+        state = state.replace(active=jnp.zeros_like(active))
+        for width in spec.decode_widths:
+            rows = np.arange(width, dtype=np.int32)
+            for window in spec.windows:
+                state, *_ = steps.decode(self.params, state, spec, window, rows)
+        state = state.replace(active=active)
         self._state = steps.release(state, np.int32(slot))
         jax.block_until_ready(self._state)
         with self._lock:

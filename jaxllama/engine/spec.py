@@ -139,6 +139,22 @@ class EngineSpec:
             w *= 2
         return tuple(out) + (self.max_pages_per_slot,)
 
+    @property
+    def decode_widths(self) -> tuple[int, ...]:
+        """The slot counts `decode` is compiled for, ascending: num_slots, and its half
+        and quarter (rounded up) when those are smaller. A dispatch runs the narrowest
+        that holds every decoding slot, so a few streams on many slots cost a quarter
+        or half of the batch, not all of it; three widths bound the programs."""
+        b = self.num_slots
+        return tuple(sorted({b, -(-b // 2), -(-b // 4)}))
+
+    def decode_width(self, num_decoding: int) -> int:
+        """The narrowest of decode_widths that holds `num_decoding` slots."""
+        for w in self.decode_widths:
+            if w >= num_decoding:
+                return w
+        raise EngineSpecError(f"{num_decoding} decoding slots exceed num_slots ({self.num_slots})")
+
     def window(self, pages: int) -> int:
         """The narrowest window that holds `pages` pages of every slot it serves."""
         for w in self.windows:

@@ -26,6 +26,7 @@ each slot's seen tokens (prompt and output), as the adapter's sampler does.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -293,9 +294,13 @@ def _has_page(block_table: Array, lengths: Array, page_size: int) -> Array:
     return (logical < max_pages) & (page != NO_PAGE)
 
 
+# The per-slot fields of EngineState (everything but the page pools).
+_SLOT_FIELDS = tuple(f.name for f in dataclasses.fields(EngineState) if f.name != "cache")
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "window"), donate_argnames=("state",))
-def decode(params: Params, state: EngineState, spec: EngineSpec, window: int | None = None
-           ) -> tuple[EngineState, Array, Array, TokenLogprobs]:
+def decode(params: Params, state: EngineState, spec: EngineSpec, window: int | None = None,
+           rows: Array | None = None) -> tuple[EngineState, Array, Array, TokenLogprobs]:
     """spec.decode_steps decode steps for every decoding slot, in one dispatch.
 
     Each step feeds every running slot's last token, writes its key and value at the
@@ -311,7 +316,23 @@ def decode(params: Params, state: EngineState, spec: EngineSpec, window: int | N
     no page. The host passes the narrowest window that holds every decoding slot's
     pages for the N steps, so the cost of a step follows the longest running request,
     not max_pages_per_slot.
+
+    `rows` (W,) int32, distinct slot indices with W one of spec.decode_widths (None:
+    all B slots): only those slots are run, W at a time, so a step costs W slots, not
+    B. Every decoding slot must be among them (a slot left out does not advance); the
+    others may be any slots that are not decoding, which they leave unchanged. Outputs
+    keep the (N, B) layout (invalid outside `rows`).
     """
+    batch = spec.num_slots
+    if rows is None:
+        rows = jnp.arange(batch, dtype=jnp.int32)
+    elif jnp.ndim(rows) != 1 or jnp.shape(rows)[0] not in spec.decode_widths:
+        raise EngineSpecError(
+            f"decode: rows has shape {jnp.shape(rows)}; expected (W,) with W one of "
+            f"EngineSpec.decode_widths {spec.decode_widths} (spec.decode_width(n) picks one)")
+    rows = jnp.asarray(rows, jnp.int32)
+    whole = state
+    state = state.replace(**{f: getattr(whole, f)[rows] for f in _SLOT_FIELDS})
     table = _window_table(state.block_table, spec, window, "decode")
 
     def step(state: EngineState, _):
@@ -335,7 +356,15 @@ def decode(params: Params, state: EngineState, spec: EngineSpec, window: int | N
         return state, (jnp.where(runs, nxt, 0), runs, logprobs)
 
     state, (tokens, valid, logprobs) = jax.lax.scan(step, state, None, length=spec.decode_steps)
-    return state, tokens, valid, logprobs
+    # Back into the (B, ...) state; the block table is the host's and is not changed here.
+    merged = {f: getattr(whole, f).at[rows].set(getattr(state, f))
+              for f in _SLOT_FIELDS if f != "block_table"}
+    state = whole.replace(cache=state.cache, **merged)
+
+    def spread(x):  # (N, W, ...) -> (N, B, ...), zeros outside rows
+        return jnp.zeros((x.shape[0], batch) + x.shape[2:], x.dtype).at[:, rows].set(x)
+
+    return state, spread(tokens), spread(valid), jax.tree.map(spread, logprobs)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
