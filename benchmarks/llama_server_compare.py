@@ -17,6 +17,11 @@ jaxllama / llama.cpp of output tokens/s and of median TTFT (below 1 is faster TT
 
 llama-server is not part of this project: build it yourself (benchmarks/RESULTS.md,
 "llama.cpp llama-server build") and give its path with --llama-server or $LLAMA_SERVER.
+
+Run it on a quiet machine. llama.cpp's worker threads wait for each other at every op, so
+when another process holds a core its `-t 2` decode collapses (measured here: about 2
+tokens/s with -t 2 against about 60 with -t 1 while a benchmark used one of the two
+cores; benchmarks/RESULTS.md); the script prints the load average before each part.
 """
 
 from __future__ import annotations
@@ -134,12 +139,16 @@ def llama_server_cmd(args, binary: str, gguf: Path, port: int) -> list[str]:
             "-t", str(args.threads), "--cont-batching", *shlex.split(args.llama_args)]
 
 
-def run_llama_server(args, binary: str, gguf: Path, log_dir: Path) -> dict:
+def _loadavg() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_llama_server(args, binary: str, gguf: Path, log: Path) -> dict:
     port = serve._free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = llama_server_cmd(args, binary, gguf, port)
-    log = log_dir / "llama-server.log"
-    print("starting: " + shlex.join(cmd) + f"  (log: {log})", file=sys.stderr, flush=True)
+    print("starting: " + shlex.join(cmd) + f"  (log: {log}; load average {_loadavg()})",
+          file=sys.stderr, flush=True)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -155,6 +164,7 @@ def run_jaxllama(args, gguf: Path) -> dict:
                                "--max-context", str(args.context_per_slot),
                                "--log-level", "warning"]) + " " + args.jaxllama_args,
         spawn_timeout=args.spawn_timeout, url=None)
+    print(f"load average before jaxllama serve: {_loadavg()}", file=sys.stderr, flush=True)
     proc = serve.spawn(spawn_args)  # waits for /health: 200 once loaded and warmed
     try:
         return measure(args, spawn_args.url, "jaxllama serve")
@@ -179,7 +189,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=32000,
                    help="random prompt ids are drawn below this (default 32000)")
-    p.add_argument("--threads", type=int, default=2, help="llama-server -t (default 2)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="llama-server -t (default 2, this machine's cores; lower it only "
+                        "to study contention, see the module docstring)")
+    p.add_argument("--llama-log", default=None,
+                   help="keep llama-server's output in this file (default: a temporary one)")
     p.add_argument("--llama-args", default="", help="more llama-server arguments")
     p.add_argument("--jaxllama-args", default="", help="more `jaxllama serve` arguments")
     p.add_argument("--seed", type=int, default=0)
@@ -217,7 +231,8 @@ def main(argv=None) -> int:
           + "; ".join(llama_version[:2]), flush=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llama-compare-") as tmp:
-        llama = run_llama_server(args, binary, gguf, Path(tmp))
+        log = Path(args.llama_log) if args.llama_log else Path(tmp) / "llama-server.log"
+        llama = run_llama_server(args, binary, gguf, log)
     llama_s = time.perf_counter() - started
     jax = run_jaxllama(args, gguf)
     total_s = time.perf_counter() - started
