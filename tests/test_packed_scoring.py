@@ -144,8 +144,9 @@ def _with_layers(model, layers):
 @pytest.mark.parametrize("kind", [None, "int8"])
 def test_scan_over_stacked_layers_equals_the_unrolled_layers(kind):
     """Packed scoring over the layers as one lax.scan (stacked weights) gives the unrolled
-    layers' scores, dense and int8-quantized, and the stacked copy is counted."""
-    model = adapter().model
+    layers' scores, dense and int8-quantized, and the stacked copy is counted (and freed
+    by unload)."""
+    model = random_model(CONFIG, jnp.float32, seed=4)  # its own: unloaded at the end
     if kind:
         model = _with_layers(model, (layer.replace(**{f: quantize(getattr(layer, f), kind) for f in MATMULS})
                                      for layer in model.params.layers))
