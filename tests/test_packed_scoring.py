@@ -185,3 +185,19 @@ def test_layers_of_different_structure_are_not_stacked():
     assert "_stacked_params" not in a.__dict__
     with pytest.raises(InvalidRequestError, match="scan_layers"):
         LlamaInferenceAdapter.from_model(model, scan_layers="yes")
+
+
+def test_default_scans_first_then_unrolls(monkeypatch):
+    """scan_layers None on the CPU: the stacked copy serves the first SCAN_ROW_TOKENS row
+    tokens, then is dropped and the unrolled layers give the same scores."""
+    from jaxllama.models import adapter as adapter_module
+
+    monkeypatch.setattr(adapter_module, "SCAN_ROW_TOKENS", 256)  # one 256-wide row
+    a = LlamaInferenceAdapter.from_model(adapter().model)
+    pairs = [([1, 2, 3], [4, 5]), ([6, 7], [8])]
+    first = a.loglikelihood_batch(pairs)
+    assert "_stacked_params" in a.__dict__
+    second = a.loglikelihood_batch(pairs)
+    assert "_stacked_params" not in a.__dict__
+    for (lp, g), (lp2, g2) in zip(first, second):
+        assert lp == pytest.approx(lp2, abs=1e-5) and g == g2

@@ -66,6 +66,13 @@ MIN_CACHE_BUCKET = 256
 # logits are tokens x vocab float32: 2048 x 49152 is 400 MB).
 MIN_PACK_WIDTH = 256
 PACK_TOKENS_PER_CALL = 2048
+# Packed scoring's default on a CPU (scan_layers None) runs the layers as a lax.scan,
+# which compiles ~3 s faster than the 30 unrolled SmolLM2 layers but scores ~10% slower
+# (benchmarks/RESULTS.md, "Evaluation from a cold start"). Past this many padded row
+# tokens (~40 s of scoring on the 2-core CPU, when the scan's extra ~10% has cost about
+# what compiling the unrolled program costs) the adapter switches to the unrolled one:
+# a long evaluation then runs at the unrolled speed, a short one never compiles it.
+SCAN_ROW_TOKENS = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +232,8 @@ class LlamaInferenceAdapter:
     # (a copy of the layer weights stacked once, on first use, kept with the adapter):
     # its program compiles in a fraction of the unrolled one's time. None: on a CPU
     # without a mesh (where that compile is most of a one-off evaluation's time), when
-    # every layer has one structure; True / False: always (when possible) / never.
+    # every layer has one structure, for the first SCAN_ROW_TOKENS row tokens (then
+    # unrolled, the copy dropped); True / False: always (when possible) / never.
     scan_layers: bool | None = None
 
     def __post_init__(self):
@@ -375,13 +383,21 @@ class LlamaInferenceAdapter:
         plan = self._loaded().plan
         return jnp.asarray(x) if plan is None else plan.put_batch(np.asarray(x))
 
-    def _scoring_params(self):
-        """The params packed scoring runs on: stacked layers (see `scan_layers`), made
-        once, or the model's own."""
+    def _scoring_params(self, tokens: int):
+        """The params packed scoring runs on for a call of `tokens` padded row tokens:
+        stacked layers (see `scan_layers`), made once, or the model's own. By default
+        (scan_layers None) a CPU adapter scans for its first `SCAN_ROW_TOKENS` row tokens,
+        then drops the stacked copy and runs the unrolled layers."""
         model = self._loaded()
         scan = self.scan_layers
         if scan is None:
             scan = model.plan is None and model.params.final_norm.devices().pop().platform == "cpu"
+            done = self.__dict__.get("_scanned_tokens", 0)
+            if scan and done >= SCAN_ROW_TOKENS:
+                # Dropped, not deleted: a call still running may hold it.
+                self.__dict__.pop("_stacked_params", None)
+                scan = False
+            self.__dict__["_scanned_tokens"] = done + tokens
         if not scan or model.plan is not None or not transformer.can_stack(model.params):
             return model.params
         return self._stacked_params
@@ -734,7 +750,7 @@ class LlamaInferenceAdapter:
         longest = max(len(c) + len(x) - 1 for c, x in requests)
         width = self.pack_width(longest)
         rows = generation.pack_requests(requests, width, share_context=share_context)
-        params = self._scoring_params()
+        params = self._scoring_params(len(rows) * width)
         per_call = max(1, PACK_TOKENS_PER_CALL // width)
         if batch_size is not None:
             per_call = min(per_call, int(batch_size))
