@@ -10,7 +10,9 @@ directory, the second process reading what the first wrote, as a second `jaxllam
 does with its default cache): load the model, then
 `lm_eval.simple_evaluate` over examples/eval_tasks' jaxllama_mc (20 questions, 80
 loglikelihood requests) twice. Printed: load, first run (compilation included),
-compile (first run minus the warm one), warm run, and end to end (load + first run).
+compile (first run minus the warm one), warm run, and end to end (load + first run);
+then the first run's XLA compilations (count, seconds, the longest three; the warm run
+should compile none).
 jaxllama is float32 dense (as hf; the CPU default) and also with weights="int8".
 
 Packed scoring: the 80 requests, tokenized as the backend does, scored by
@@ -71,14 +73,22 @@ def _one(backend: str, weights: str, cache: str = "off") -> dict:
         else:
             lm = JaxLlamaLM(pretrained=MODEL, weights="int8", batch_size="auto")
     load = time.perf_counter() - t0
+    from jaxllama.bench import CompileLog
+
     runs, accs = [], []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        res = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=tm, bootstrap_iters=0,
-                                      verbosity="ERROR")
-        runs.append(time.perf_counter() - t0)
-        accs.append(res["results"][TASK]["acc,none"])
-    return dict(load=load, first=runs[0], warm=runs[1], acc=accs[0])
+    with CompileLog() as log:  # XLA compilations (jaxllama's; hf compiles none)
+        for _ in range(2):
+            t0 = time.perf_counter()
+            res = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=tm, bootstrap_iters=0,
+                                          verbosity="ERROR")
+            runs.append(time.perf_counter() - t0)
+            accs.append(res["results"][TASK]["acc,none"])
+            if len(runs) == 1:
+                first = list(log.compiles)
+    top = sorted(first, key=lambda c: -c[1])[:3]
+    return dict(load=load, first=runs[0], warm=runs[1], acc=accs[0], compiles=len(first),
+                compile_s=sum(s for _, s in first), later_compiles=len(log.compiles) - len(first),
+                top=", ".join(f"{name} {s:.2f} s" for name, s in top))
 
 
 def end_to_end(label: str, backend: str, weights: str, cache: str = "off") -> dict:
@@ -93,6 +103,9 @@ def end_to_end(label: str, backend: str, weights: str, cache: str = "off") -> di
           f"(compile ~{r['first'] - r['warm']:5.1f} s)  warm run {r['warm']:6.1f} s  "
           f"end to end {r['total']:6.1f} s  acc {r['acc']:.2f}  load avg {os.getloadavg()[0]:.1f}",
           flush=True)
+    if r["compiles"] or r["later_compiles"]:
+        print(f"{'':28s} first run: {r['compiles']} XLA compilations, {r['compile_s']:.2f} s "
+              f"(longest: {r['top']}); warm run: {r['later_compiles']}", flush=True)
     return r
 
 

@@ -19,7 +19,7 @@ import transformers
 
 from hf_to_gguf import ARCHS, tiny_hf_model, write_gguf
 from jaxllama.models import AdapterForwardConfig, LlamaInferenceAdapter, ModelType, load_gguf
-from jaxllama.models.transformer import KVCache, decode_step, prefill
+from jaxllama.models.transformer import KVCache, decode_step, is_stacked, prefill, stack_layers
 
 SCALING_DROPPED_BY_HF_GGUF = {"llama3", "phi3_longrope"}
 EXPECTED_TYPE = {"qwen2": ModelType.Qwen2_5, "qwen2_tied": ModelType.Qwen2_5, "phi3": ModelType.Phi3,
@@ -109,6 +109,31 @@ def test_prefill_then_decode_equals_one_prefill(case):
     for pos in range(split, len(ids)):
         logits, cache = decode_step(model.params, jnp.asarray([ids[pos]]), cache, config=model.config)
         np.testing.assert_allclose(np.asarray(logits[0]), full[pos], rtol=1e-4, atol=1e-4)
+
+
+def test_stacked_layers_match_transformers(case):
+    """The lax.scan over stacked layers (packed scoring's path): logits against the
+    original transformers model, and the cache it returns is the unrolled forward's, so
+    a decode step can continue from it."""
+    arch, hf, _, _, model = case
+    stacked = stack_layers(model.params)
+    assert is_stacked(stacked) and stacked.layers.wq.shape[0] == model.config.num_layers
+    rng = np.random.default_rng(4)
+    for length in (7, 80):
+        ids = rng.integers(3, model.config.vocab_size, length).tolist()
+        outs = []
+        for params in (stacked, model.params):
+            cache = KVCache.for_params(model.params, model.config, 1, 128)
+            outs.append(prefill(params, jnp.asarray([ids]), cache, jnp.asarray([length]),
+                                config=model.config, all_logits=True))
+        (logits, cache), (_, ref_cache) = outs
+        assert _rel_l2(np.asarray(logits[0]), _hf_logits(hf, ids)) < 1e-4, (arch, length)
+        for got, want in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        assert int(cache.lengths[0]) == length
+    nxt, _ = decode_step(model.params, jnp.asarray([ids[0]]), cache, config=model.config)
+    want, _ = decode_step(model.params, jnp.asarray([ids[0]]), ref_cache, config=model.config)
+    np.testing.assert_allclose(np.asarray(nxt), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0"])

@@ -5,6 +5,9 @@ brute-force statement of it."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,9 +17,11 @@ from hypothesis import strategies as st
 from jaxllama import generation
 from jaxllama.errors import InvalidRequestError
 from jaxllama.models import LlamaInferenceAdapter
+from jaxllama.models import transformer
 from jaxllama.models.config import ROPE_INTERLEAVED, ModelConfig
 from jaxllama.models.random_weights import random_model
 from jaxllama.pallas.reference import attention_mask
+from jaxllama.quant import quantize
 
 VOCAB = 96
 CONFIG = ModelConfig(arch="llama", vocab_size=VOCAB, hidden_dim=64, num_layers=2, num_heads=4,
@@ -24,6 +29,7 @@ CONFIG = ModelConfig(arch="llama", vocab_size=VOCAB, hidden_dim=64, num_layers=2
                      rope_theta=10000.0, rope_style=ROPE_INTERLEAVED)
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _ADAPTER = []
+MATMULS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 def adapter() -> LlamaInferenceAdapter:
@@ -129,3 +135,69 @@ def test_bad_pairs_are_refused():
         a.loglikelihood_batch([([1] * 500, [2] * 20)])
     with pytest.raises(InvalidRequestError, match="batch_size"):
         a.loglikelihood_batch([([1], [2])], batch_size=0)
+
+
+def _with_layers(model, layers):
+    return dataclasses.replace(model, params=model.params.replace(layers=tuple(layers)))
+
+
+@pytest.mark.parametrize("kind", [None, "int8"])
+def test_scan_over_stacked_layers_equals_the_unrolled_layers(kind):
+    """Packed scoring over the layers as one lax.scan (stacked weights) gives the unrolled
+    layers' scores, dense and int8-quantized, and the stacked copy is counted (and freed
+    by unload)."""
+    model = random_model(CONFIG, jnp.float32, seed=4)  # its own: unloaded at the end
+    if kind:
+        model = _with_layers(model, (layer.replace(**{f: quantize(getattr(layer, f), kind) for f in MATMULS})
+                                     for layer in model.params.layers))
+    scan = LlamaInferenceAdapter.from_model(model, scan_layers=True)
+    unrolled = LlamaInferenceAdapter.from_model(model, scan_layers=False)
+    rng = np.random.default_rng(5)
+    pairs = [(rng.integers(0, VOCAB, int(rng.integers(1, 40))).tolist(),
+              rng.integers(0, VOCAB, int(rng.integers(1, 6))).tolist()) for _ in range(12)]
+    pairs += [(pairs[0][0], [int(t)]) for t in rng.integers(0, VOCAB, 3)]  # a shared context
+    before = scan.vram_usage()
+    got, want = scan.loglikelihood_batch(pairs), unrolled.loglikelihood_batch(pairs)
+    for (lp, greedy), (ref_lp, ref_greedy) in zip(got, want):
+        assert lp == pytest.approx(ref_lp, abs=1e-5)
+        assert greedy == ref_greedy
+    assert transformer.is_stacked(scan._stacked_params) and "_stacked_params" not in unrolled.__dict__
+    layer_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(model.params.layers))
+    assert scan.vram_usage() == before + layer_bytes == unrolled.vram_usage() + layer_bytes
+    gone = scan.unload()
+    assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(scan.__dict__.get("_stacked_params")))
+    assert gone.vram_usage() == 0
+
+
+def test_layers_of_different_structure_are_not_stacked():
+    """One int8 layer among dense ones: stack_layers refuses them (saying why), and the
+    adapter scores them unrolled instead."""
+    model = adapter().model
+    first = model.params.layers[0]
+    mixed = _with_layers(model, (first.replace(w_up=quantize(first.w_up, "int8")), *model.params.layers[1:]))
+    assert not transformer.can_stack(mixed.params)
+    with pytest.raises(InvalidRequestError, match="one structure"):
+        transformer.stack_layers(mixed.params)
+    a = LlamaInferenceAdapter.from_model(mixed, scan_layers=True)
+    lp, _ = a.loglikelihood_batch([([1, 2, 3], [4, 5])])[0]
+    ref = LlamaInferenceAdapter.from_model(mixed, scan_layers=False).score([[1, 2, 3, 4, 5]], packed=False)[0]
+    assert lp == pytest.approx(float(ref[-2:].sum()), abs=1e-5)
+    assert "_stacked_params" not in a.__dict__
+    with pytest.raises(InvalidRequestError, match="scan_layers"):
+        LlamaInferenceAdapter.from_model(model, scan_layers="yes")
+
+
+def test_default_scans_first_then_unrolls(monkeypatch):
+    """scan_layers None on the CPU: the stacked copy serves the first SCAN_ROW_TOKENS row
+    tokens, then is dropped and the unrolled layers give the same scores."""
+    from jaxllama.models import adapter as adapter_module
+
+    monkeypatch.setattr(adapter_module, "SCAN_ROW_TOKENS", 256)  # one 256-wide row
+    a = LlamaInferenceAdapter.from_model(adapter().model)
+    pairs = [([1, 2, 3], [4, 5]), ([6, 7], [8])]
+    first = a.loglikelihood_batch(pairs)
+    assert "_stacked_params" in a.__dict__
+    second = a.loglikelihood_batch(pairs)
+    assert "_stacked_params" not in a.__dict__
+    for (lp, g), (lp2, g2) in zip(first, second):
+        assert lp == pytest.approx(lp2, abs=1e-5) and g == g2

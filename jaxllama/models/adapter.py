@@ -66,6 +66,13 @@ MIN_CACHE_BUCKET = 256
 # logits are tokens x vocab float32: 2048 x 49152 is 400 MB).
 MIN_PACK_WIDTH = 256
 PACK_TOKENS_PER_CALL = 2048
+# Packed scoring's default on a CPU (scan_layers None) runs the layers as a lax.scan,
+# which compiles ~3 s faster than the 30 unrolled SmolLM2 layers but scores ~10% slower
+# (benchmarks/RESULTS.md, "Evaluation from a cold start"). Past this many padded row
+# tokens (~40 s of scoring on the 2-core CPU, when the scan's extra ~10% has cost about
+# what compiling the unrolled program costs) the adapter switches to the unrolled one:
+# a long evaluation then runs at the unrolled speed, a short one never compiles it.
+SCAN_ROW_TOKENS = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +228,13 @@ class LlamaInferenceAdapter:
     uid: int = dataclasses.field(default_factory=lambda: next(_uids))
     # What runs, decided once here from the backend, the mesh and the request above.
     policy: BackendPolicy | None = dataclasses.field(init=False, default=None)
+    # Packed scoring (`score`, `loglikelihood_batch`) over the layers as one `lax.scan`
+    # (a copy of the layer weights stacked once, on first use, kept with the adapter):
+    # its program compiles in a fraction of the unrolled one's time. None: on a CPU
+    # without a mesh (where that compile is most of a one-off evaluation's time), when
+    # every layer has one structure, for the first SCAN_ROW_TOKENS row tokens (then
+    # unrolled, the copy dropped); True / False: always (when possible) / never.
+    scan_layers: bool | None = None
 
     def __post_init__(self):
         """Refuses (InvalidRequestError) an implementation that cannot run here."""
@@ -231,6 +245,8 @@ class LlamaInferenceAdapter:
         sharded = self.model is not None and self.model.plan is not None
         object.__setattr__(self, "policy", backend.choose(self.attention_impl, self.matmul_impl,
                                                           sharded=sharded))
+        if self.scan_layers not in (None, True, False):
+            raise InvalidRequestError(f"scan_layers is {self.scan_layers!r}, expected None, True or False")
 
     # ----- construction (the design's new_qwen / new_phi3 / Into<LlamaInferenceAdapter>)
     @classmethod
@@ -326,7 +342,10 @@ class LlamaInferenceAdapter:
             return 0
         if self.model.plan is not None:
             return self.model.plan.bytes_per_device(self.model.params)
-        return self.model.nbytes()
+        stacked = self.__dict__.get("_stacked_params")  # packed scoring's copy, once made
+        extra = 0 if stacked is None else sum(
+            leaf.nbytes for leaf in jax.tree_util.tree_leaves(stacked.layers))
+        return self.model.nbytes() + extra
 
     def eos_ids(self) -> tuple[int, ...]:
         return self.tokenizer.eos_ids
@@ -363,6 +382,29 @@ class LlamaInferenceAdapter:
         """A batch-major input array, split over the mesh's data axis when there is one."""
         plan = self._loaded().plan
         return jnp.asarray(x) if plan is None else plan.put_batch(np.asarray(x))
+
+    def _scoring_params(self, tokens: int):
+        """The params packed scoring runs on for a call of `tokens` padded row tokens:
+        stacked layers (see `scan_layers`), made once, or the model's own. By default
+        (scan_layers None) a CPU adapter scans for its first `SCAN_ROW_TOKENS` row tokens,
+        then drops the stacked copy and runs the unrolled layers."""
+        model = self._loaded()
+        scan = self.scan_layers
+        if scan is None:
+            scan = model.plan is None and model.params.final_norm.devices().pop().platform == "cpu"
+            done = self.__dict__.get("_scanned_tokens", 0)
+            if scan and done >= SCAN_ROW_TOKENS:
+                # Dropped, not deleted: a call still running may hold it.
+                self.__dict__.pop("_stacked_params", None)
+                scan = False
+            self.__dict__["_scanned_tokens"] = done + tokens
+        if not scan or model.plan is not None or not transformer.can_stack(model.params):
+            return model.params
+        return self._stacked_params
+
+    @functools.cached_property
+    def _stacked_params(self):
+        return self._run(transformer.stack_layers, self._loaded().params)
 
     def _new_cache(self, batch_size: int, size: int) -> KVCache:
         model = self._loaded()
@@ -708,6 +750,7 @@ class LlamaInferenceAdapter:
         longest = max(len(c) + len(x) - 1 for c, x in requests)
         width = self.pack_width(longest)
         rows = generation.pack_requests(requests, width, share_context=share_context)
+        params = self._scoring_params(len(rows) * width)
         per_call = max(1, PACK_TOKENS_PER_CALL // width)
         if batch_size is not None:
             per_call = min(per_call, int(batch_size))
@@ -718,7 +761,7 @@ class LlamaInferenceAdapter:
             arrays = generation.packed_arrays(requests, chunk, width, _bucket(len(chunk), 1),
                                               preds=_bucket(need))
             lp, gr = self._run(
-                generation.score_packed, model.params, self._put(arrays.tokens),
+                generation.score_packed, params, self._put(arrays.tokens),
                 self._new_cache(arrays.tokens.shape[0], width), self._put(arrays.rope_positions),
                 self._put(arrays.segment_ids), self._put(arrays.branch_ids),
                 self._put(arrays.pred_index), self._put(arrays.targets),
@@ -874,7 +917,8 @@ class LlamaInferenceAdapter:
         """Free the model's device memory; this adapter and the returned one then raise
         ModelNotLoaded, and report 0 bytes."""
         if self.model is not None:
-            for leaf in jax.tree_util.tree_leaves(self.model.params):
+            stacked = self.__dict__.pop("_stacked_params", None)
+            for leaf in jax.tree_util.tree_leaves((self.model.params, stacked)):
                 if not leaf.is_deleted():
                     leaf.delete()
         return dataclasses.replace(self, model=None)

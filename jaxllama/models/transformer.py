@@ -19,7 +19,11 @@ falls back to it. Norms and biases stay dense; their dtype is
 the compute dtype (`Params.dtype`). The KV cache is (B, K, S, H) per
 layer, so one kv head's keys are contiguous for the decode kernel. Layers are a tuple,
 unrolled in Python, so no step copies a slice of stacked layer weights (a `lax.scan`
-layout decoded slower on both a GPU and the CPU: benchmarks/RESULTS.md).
+layout decoded slower on both a GPU and the CPU: benchmarks/RESULTS.md). `forward` also
+takes stacked layers (`stack_layers`) and then runs them as one `lax.scan`
+(`decoder_layers_scan`): its program holds one layer, so it compiles in a fraction of
+the time, which is what a one-off scoring pass on a CPU needs (the adapter's packed
+scoring; see "Evaluation from a cold start" in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from flax import struct
 
 from jaxllama import backend
 from jaxllama.backend import BackendPolicy
-from jaxllama.errors import UnsupportedOperation
+from jaxllama.errors import InvalidRequestError, UnsupportedOperation
 from jaxllama.models.config import ROPE_INTERLEAVED, ModelConfig
 from jaxllama.pallas.decode_attention import decode_attention
 from jaxllama.pallas.flash_attention import flash_attention
@@ -67,7 +71,7 @@ class LayerParams:
 @struct.dataclass
 class Params:
     embed: Array  # (V, D)
-    layers: tuple[LayerParams, ...]
+    layers: tuple[LayerParams, ...] | LayerParams  # a tuple; stacked: see stack_layers
     final_norm: Array  # (D,)
     output: Array | None = None  # (V, D); None when tied to `embed`
 
@@ -264,6 +268,27 @@ def _cudnn_attention(q, k, v, positions, kv_lengths, *, sm_scale):
     )
 
 
+def decoder_block(layer: LayerParams, x: Array, cos: Array, sin: Array, attend, *,
+                  config: ModelConfig, mm: str, dtype) -> Array:
+    """One layer over the float32 residual stream x (B, T, D): `attend(q, k, v)` gets the
+    rotated queries (B, T, N, H) and new keys and values (B, T, K, H) and returns the
+    attention output (B, T, N, H). Each block's input is cast to `dtype` (the weights')
+    after its norm; the residual stays float32. Returns x."""
+    b, t = x.shape[:2]
+    h = rms_norm(x, layer.attn_norm, config.rms_eps).astype(dtype)
+    q = linear(h, layer.wq, layer.bq, impl=mm).reshape(b, t, config.num_heads, config.head_dim)
+    k = linear(h, layer.wk, layer.bk, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
+    v = linear(h, layer.wv, layer.bv, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
+    q = apply_rope(q, cos, sin, config.rope_style)
+    k = apply_rope(k, cos, sin, config.rope_style)
+    attn = attend(q, k, v)
+    x = x + linear(attn.reshape(b, t, config.q_dim), layer.wo, impl=mm).astype(jnp.float32)
+    h = rms_norm(x, layer.ffn_norm, config.rms_eps).astype(dtype)
+    gate = linear(h, layer.w_gate, impl=mm)
+    up = linear(h, layer.w_up, impl=mm)
+    return x + linear(jax.nn.silu(gate) * up, layer.w_down, impl=mm).astype(jnp.float32)
+
+
 def decoder_layers(params: Params, x: Array, cos: Array, sin: Array, attend, *,
                    config: ModelConfig, mm: str) -> Array:
     """The layer stack over the float32 residual stream x (B, T, D), rotary tables for the
@@ -271,23 +296,85 @@ def decoder_layers(params: Params, x: Array, cos: Array, sin: Array, attend, *,
     keys and values (B, T, K, H), stores the keys and values wherever its caller keeps its
     cache (dense or paged), and returns the attention output (B, T, N, H). The residual
     stream stays in float32 whatever the weights' dtype; each block's input is cast to
-    the weights' dtype after its norm (bf16 drifts far less this way). Returns x."""
-    dtype = params.dtype
-    b, t = x.shape[:2]
+    the weights' dtype after its norm (bf16 drifts far less this way). Returns x.
+    `params.layers` is the tuple of layers (unrolled); for stacked layers see
+    `decoder_layers_scan`."""
+    if is_stacked(params):
+        raise InvalidRequestError("decoder_layers takes a tuple of layers; stacked layers "
+                                  "(stack_layers) go through decoder_layers_scan")
     for i, layer in enumerate(params.layers):
-        h = rms_norm(x, layer.attn_norm, config.rms_eps).astype(dtype)
-        q = linear(h, layer.wq, layer.bq, impl=mm).reshape(b, t, config.num_heads, config.head_dim)
-        k = linear(h, layer.wk, layer.bk, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
-        v = linear(h, layer.wv, layer.bv, impl=mm).reshape(b, t, config.num_kv_heads, config.head_dim)
-        q = apply_rope(q, cos, sin, config.rope_style)
-        k = apply_rope(k, cos, sin, config.rope_style)
-        attn = attend(i, q, k, v)
-        x = x + linear(attn.reshape(b, t, config.q_dim), layer.wo, impl=mm).astype(jnp.float32)
-        h = rms_norm(x, layer.ffn_norm, config.rms_eps).astype(dtype)
-        gate = linear(h, layer.w_gate, impl=mm)
-        up = linear(h, layer.w_up, impl=mm)
-        x = x + linear(jax.nn.silu(gate) * up, layer.w_down, impl=mm).astype(jnp.float32)
+        x = decoder_block(layer, x, cos, sin, functools.partial(attend, i), config=config, mm=mm,
+                          dtype=params.dtype)
     return x
+
+
+def decoder_layers_scan(params: Params, x: Array, cos: Array, sin: Array, attend, state, *,
+                        config: ModelConfig, mm: str):
+    """`decoder_layers` as one `lax.scan` over stacked layers (see `stack_layers`): the
+    program holds one layer, not `num_layers` copies, so it compiles in a fraction of
+    the time. `attend(i, q, k, v, state)` (i a traced int32) returns (the attention
+    output, the new state); `state` is any pytree the layers thread through (the
+    stacked caches). Returns (x, state)."""
+    if not is_stacked(params):
+        raise InvalidRequestError("decoder_layers_scan takes stacked layers (stack_layers), "
+                                  "got a tuple of layers")
+    dtype = params.dtype
+    num_layers = jax.tree_util.tree_leaves(params.layers)[0].shape[0]
+
+    def body(carry, xs):
+        x, state = carry
+        layer, i = xs
+        box = []
+
+        def attend_i(q, k, v):
+            out, new_state = attend(i, q, k, v, state)
+            box.append(new_state)
+            return out
+
+        x = decoder_block(layer, x, cos, sin, attend_i, config=config, mm=mm, dtype=dtype)
+        return (x, box[0]), None
+
+    (x, state), _ = jax.lax.scan(body, (x, state), (params.layers, jnp.arange(num_layers, dtype=jnp.int32)))
+    return x, state
+
+
+def is_stacked(params: Params) -> bool:
+    """Whether `params.layers` is one LayerParams with a leading layer axis (from
+    `stack_layers`) rather than a tuple of layers."""
+    return isinstance(params.layers, LayerParams)
+
+
+def can_stack(params: Params) -> bool:
+    """Whether every layer has the same pytree structure and leaf shapes and dtypes (the
+    same quantization kinds, biases or not), so that `stack_layers` applies."""
+    if is_stacked(params):
+        return True
+    layers = params.layers
+    if not layers:
+        return False
+    first = jax.tree_util.tree_structure(layers[0])
+    sig = lambda layer: [(a.shape, a.dtype) for a in jax.tree_util.tree_leaves(layer)]  # noqa: E731
+    want = sig(layers[0])
+    return all(jax.tree_util.tree_structure(l) == first and sig(l) == want for l in layers[1:])
+
+
+@jax.jit
+def _stack(layers):
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+
+
+def stack_layers(params: Params) -> Params:
+    """The same params with `layers` one LayerParams whose leaves have a leading
+    (num_layers,) axis, for `forward`'s `lax.scan` path (one compiled layer instead of
+    num_layers). A copy of the layer weights: the caller keeps both only as long as it
+    needs both. Raises InvalidRequestError when the layers differ in structure (see
+    `can_stack`)."""
+    if is_stacked(params):
+        return params
+    if not can_stack(params):
+        raise InvalidRequestError("stack_layers needs layers of one structure (the same "
+                                  "quantization kinds, shapes, dtypes and biases); these differ")
+    return params.replace(layers=_stack(params.layers))
 
 
 def output_logits(params: Params, x: Array, *, config: ModelConfig, mm: str) -> Array:
@@ -357,6 +444,34 @@ def forward(
     s_read = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
 
     x = params.embed_rows(tokens)
+
+    def attention(k_cache, v_cache, q):
+        return _attention(
+            policy, q, k_cache[:, :, :s_read], v_cache[:, :, :s_read], start, num_new,
+            positions, config, sm_scale,
+            None if segment_ids is None else segment_ids[:, :s_read],
+            None if branch_ids is None else branch_ids[:, :s_read],
+        )
+
+    if is_stacked(params):
+        if shard is not None:
+            raise InvalidRequestError("stacked layers (stack_layers) do not run on a mesh; "
+                                      "pass the params with their tuple of layers")
+
+        def attend_scan(i, q, k, v, state):
+            k_all, v_all = state  # (L, B, K, S, H)
+            k_cache = _write_cache(k_all[i], jnp.swapaxes(k, 1, 2), positions)
+            v_cache = _write_cache(v_all[i], jnp.swapaxes(v, 1, 2), positions)
+            state = (k_all.at[i].set(k_cache), v_all.at[i].set(v_cache))
+            return attention(k_cache, v_cache, q), state
+
+        x, (k_all, v_all) = decoder_layers_scan(params, x, cos, sin, attend_scan,
+                                                (jnp.stack(cache.k), jnp.stack(cache.v)),
+                                                config=config, mm=mm)
+        new_k, new_v = list(k_all), list(v_all)
+        return _logits_and_cache(params, x, new_k, new_v, start + num_new, num_new, t,
+                                 config=config, mm=mm, all_logits=all_logits, logits_at=logits_at)
+
     new_k, new_v = [], []
 
     def attend(i, q, k, v):
@@ -366,22 +481,23 @@ def forward(
             k_cache, v_cache = shard.constrain_cache(k_cache), shard.constrain_cache(v_cache)
         new_k.append(k_cache)
         new_v.append(v_cache)
-        return _attention(
-            policy, q, k_cache[:, :, :s_read], v_cache[:, :, :s_read], start, num_new,
-            positions, config, sm_scale,
-            None if segment_ids is None else segment_ids[:, :s_read],
-            None if branch_ids is None else branch_ids[:, :s_read],
-        )
+        return attention(k_cache, v_cache, q)
 
     x = decoder_layers(params, x, cos, sin, attend, config=config, mm=mm)
+    return _logits_and_cache(params, x, new_k, new_v, start + num_new, num_new, t,
+                             config=config, mm=mm, all_logits=all_logits, logits_at=logits_at)
+
+
+def _logits_and_cache(params, x, new_k, new_v, lengths, num_new, t, *, config, mm, all_logits,
+                      logits_at):
+    """`forward`'s end: the logits it returns (see there) and the new cache."""
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, :, None], axis=1)
     elif not all_logits:
         last = jnp.clip(num_new - 1, 0, t - 1)
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     logits = output_logits(params, x, config=config, mm=mm)
-    new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=start + num_new)
-    return logits, new_cache
+    return logits, KVCache(k=tuple(new_k), v=tuple(new_v), lengths=lengths)
 
 
 @functools.partial(
