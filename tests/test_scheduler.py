@@ -135,7 +135,8 @@ def test_random_schedules(adapter, data):
 def test_prefill_budget_bounds_prompt_tokens_between_decode_dispatches(adapter, monkeypatch):
     """While a slot decodes, the scheduler runs whole prompt chunks between two decode
     dispatches, oldest request first, until the next would pass prefill_budget (the
-    first always runs); while none decodes, every pending chunk. A 40-token prompt
+    first always runs), times the requests waiting per decoding slot; while none
+    decodes, every pending chunk. A 40-token prompt
     (chunk 8, budget 20) arriving once a stream decodes runs 8 + 8 (another 8 would
     make 24), 8 + 8, 8, a decode dispatch after each; a burst arriving at an idle
     engine is prefilled in one go (4 + 8 + 8 + 8 + 8 + 8 before the first dispatch)."""
