@@ -39,7 +39,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 
 from benchmarks import serve
 from benchmarks.workload import token_range
@@ -100,22 +99,6 @@ def measure(args, url: str, name: str) -> dict:
     return asyncio.run(serve.run(load_args(args, url, warmup=False)))
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float, name: str, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{name} exited with {proc.returncode} before it was healthy; "
-                             f"its log, {log}, ends:\n{_tail(log)}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    _stop(proc)
-    raise SystemExit(f"{name} not healthy after {timeout} s; its log, {log}, ends:\n{_tail(log)}")
-
-
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -152,7 +135,8 @@ def run_llama_server(args, binary: str, gguf: Path, log: Path) -> dict:
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_healthy(proc, url, args.spawn_timeout, "llama-server", log)
+        serve.wait_healthy(proc, url, args.spawn_timeout, "llama-server",
+                           lambda: f"; its log, {log}, ends:\n{_tail(log)}")
         return measure(args, url, "llama-server")
     finally:
         _stop(proc)

@@ -188,6 +188,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, name: str,
+                 log_tail=lambda: "") -> None:
+    """Poll `url`/health until 200; SystemExit if `proc` exits first or `timeout` s pass
+    (the process is then terminated). `log_tail()` is appended to either message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited with {proc.returncode} before it was healthy"
+                             f"{log_tail()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit(f"{name} not healthy after {timeout} s{log_tail()}")
+
+
 def spawn(args) -> subprocess.Popen:
     port = _free_port()
     args.url = f"http://127.0.0.1:{port}"
@@ -195,19 +214,8 @@ def spawn(args) -> subprocess.Popen:
            *shlex.split(args.serve_args)]
     print("spawning: " + shlex.join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd)
-    deadline = time.monotonic() + args.spawn_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"jaxllama serve exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{args.url}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit(f"jaxllama serve not healthy after {args.spawn_timeout} s")
-
+    wait_healthy(proc, args.url, args.spawn_timeout, "jaxllama serve")
+    return proc
 
 
 def parse_args(argv=None):

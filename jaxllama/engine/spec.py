@@ -39,6 +39,14 @@ MAX_TOP_LOGPROBS = 20
 MIN_WINDOW_PAGES = 8
 
 
+def _narrowest(sizes: tuple[int, ...], n: int, what: str) -> int:
+    """The first of ascending `sizes` that is >= n (EngineSpecError "n {what}" if none)."""
+    for size in sizes:
+        if size >= n:
+            return size
+    raise EngineSpecError(f"{n} {what}")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineSpec:
     """Shapes and switches of one engine (static; see module doc).
@@ -150,18 +158,13 @@ class EngineSpec:
 
     def decode_width(self, num_decoding: int) -> int:
         """The narrowest of decode_widths that holds `num_decoding` slots."""
-        for w in self.decode_widths:
-            if w >= num_decoding:
-                return w
-        raise EngineSpecError(f"{num_decoding} decoding slots exceed num_slots ({self.num_slots})")
+        return _narrowest(self.decode_widths, num_decoding,
+                          f"decoding slots exceed num_slots ({self.num_slots})")
 
     def window(self, pages: int) -> int:
         """The narrowest window that holds `pages` pages of every slot it serves."""
-        for w in self.windows:
-            if w >= pages:
-                return w
-        raise EngineSpecError(
-            f"{pages} pages exceed max_pages_per_slot ({self.max_pages_per_slot})")
+        return _narrowest(self.windows, pages,
+                          f"pages exceed max_pages_per_slot ({self.max_pages_per_slot})")
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:
         """Refuse a request that can never run in this engine: its prompt plus

@@ -391,7 +391,7 @@ class LlamaInferenceAdapter:
         model = self._loaded()
         scan = self.scan_layers
         if scan is None:
-            scan = model.plan is None and model.params.final_norm.devices().pop().platform == "cpu"
+            scan = model.plan is None and self.policy.backend == "cpu"
             done = self.__dict__.get("_scanned_tokens", 0)
             if scan and done >= SCAN_ROW_TOKENS:
                 # Dropped, not deleted: a call still running may hold it.
