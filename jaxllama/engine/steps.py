@@ -39,8 +39,10 @@ from jaxllama.engine.paged_cache import NO_PAGE, PagedKVCache
 from jaxllama.engine.spec import EngineSpec, EngineState, SlotRequest
 from jaxllama.errors import EngineSpecError
 from jaxllama.sampling import apply_repetition_penalty
-from jaxllama.models.transformer import Params, decoder_layers, output_logits, rope_tables
-from jaxllama.pallas.paged_attention import paged_attention, paged_attention_reference
+from jaxllama.models.transformer import KVCache, Params, decoder_layers, output_logits, rope_tables
+from jaxllama.models.transformer import forward as transformer_forward
+from jaxllama.pallas.paged_attention import (gather_pages, paged_attention,
+                                             paged_attention_reference)
 
 Array = jax.Array
 
@@ -294,6 +296,57 @@ def _has_page(block_table: Array, lengths: Array, page_size: int) -> Array:
     return (logical < max_pages) & (page != NO_PAGE)
 
 
+def _runs(state: EngineState, table: Array, spec: EngineSpec) -> Array:
+    """(B,) bool: the slots a decode step advances (decoding, with a page for their next
+    position within `table`)."""
+    return state.active & ~state.finished & _has_page(table, state.lengths, spec.page_size)
+
+
+def _decode_dense(params: Params, state: EngineState, table: Array, spec: EngineSpec, step_out):
+    """The decode scan of `decode` on the XLA path, over a dense copy of the window.
+
+    Each layer's pages in `table` (B, M') are gathered once into a dense (B, K, M' * L, H)
+    `KVCache`, the N steps run `transformer.forward` over it (the adapter's decode
+    forward, `transformer.decode_step`), and the N steps' new keys and values are then
+    written back into the pages. Gathering in every step instead (what the paged
+    attention twin does) copied the whole window once per step, about half of a
+    32-slot step on the CPU (benchmarks/RESULTS.md); here it is copied once per dispatch.
+    The running slots, the tokens and the state are those of the per-step scan: only
+    where the keys and values are read from differs.
+    """
+    config = spec.config
+    policy = backend.as_policy(spec.attention_impl)
+    start = state.lengths
+    dense = KVCache(k=tuple(gather_pages(k, table) for k in state.cache.k),
+                    v=tuple(gather_pages(v, table) for v in state.cache.v),
+                    lengths=start)
+
+    def step(carry, _):
+        state, dense = carry
+        runs = _runs(state, table, spec)
+        logits, dense = transformer_forward(
+            params, state.last_token[:, None], dense.replace(lengths=state.lengths),
+            runs.astype(jnp.int32), config=config, attention_impl=policy)
+        state, out = step_out(state, runs, logits, state.cache)
+        return (state, dense), out
+
+    (state, dense), outs = jax.lax.scan(step, (state, dense), None, length=spec.decode_steps)
+    # Positions start[b] + n, n < written[b], are the dispatch's new entries of slot b.
+    written = state.lengths - start
+    positions = start[:, None] + jnp.arange(spec.decode_steps, dtype=jnp.int32)[None, :]
+    positions = jnp.clip(positions, 0, dense.max_len - 1)
+
+    def new_entries(x):  # (B, K, S, H) -> (B, N, K, H) at `positions`
+        picked = jnp.take_along_axis(x, positions[:, None, :, None], axis=2)
+        return jnp.swapaxes(picked, 1, 2)
+
+    cache = state.cache
+    for i in range(config.num_layers):
+        cache = cache.write(i, new_entries(dense.k[i]), new_entries(dense.v[i]), table, start,
+                            written)
+    return state.replace(cache=cache), outs
+
+
 # The per-slot fields of EngineState (everything but the page pools).
 _SLOT_FIELDS = tuple(f.name for f in dataclasses.fields(EngineState) if f.name != "cache")
 
@@ -335,11 +388,8 @@ def decode(params: Params, state: EngineState, spec: EngineSpec, window: int | N
     state = state.replace(**{f: getattr(whole, f)[rows] for f in _SLOT_FIELDS})
     table = _window_table(state.block_table, spec, window, "decode")
 
-    def step(state: EngineState, _):
-        runs = state.active & ~state.finished & _has_page(table, state.lengths, spec.page_size)
-        logits, cache = paged_forward(params, state.last_token[:, None], state.cache,
-                                      table, state.lengths, runs.astype(jnp.int32),
-                                      spec=spec)
+    def step_out(state: EngineState, runs: Array, logits: Array, cache: PagedKVCache):
+        """Sample from one step's logits and advance the running slots."""
         nxt = sample_rows(logits, state.keys, state.generated, state.temperature, state.top_k,
                           state.top_p, state.min_p, state.repetition_penalty, state.seen)
         logprobs = token_logprobs(logits, nxt, spec.top_logprobs)
@@ -355,7 +405,18 @@ def decode(params: Params, state: EngineState, spec: EngineSpec, window: int | N
         )
         return state, (jnp.where(runs, nxt, 0), runs, logprobs)
 
-    state, (tokens, valid, logprobs) = jax.lax.scan(step, state, None, length=spec.decode_steps)
+    def step(state: EngineState, _):
+        runs = _runs(state, table, spec)
+        logits, cache = paged_forward(params, state.last_token[:, None], state.cache,
+                                      table, state.lengths, runs.astype(jnp.int32),
+                                      spec=spec)
+        return step_out(state, runs, logits, cache)
+
+    if spec.attention_impl == "xla":
+        state, (tokens, valid, logprobs) = _decode_dense(params, state, table, spec, step_out)
+    else:
+        state, (tokens, valid, logprobs) = jax.lax.scan(step, state, None,
+                                                        length=spec.decode_steps)
     # Back into the (B, ...) state; the block table is the host's and is not changed here.
     merged = {f: getattr(whole, f).at[rows].set(getattr(state, f))
               for f in _SLOT_FIELDS if f != "block_table"}
