@@ -334,6 +334,36 @@ def test_spec_refuses_bad_descriptions(adapter):
         spec.bucket(9)
 
 
+def _chunks(spec, start, prompt_len):
+    out = []
+    while start < prompt_len:
+        out.append(spec.chunk_len(start, prompt_len))
+        start += out[-1]
+    return out
+
+
+def test_chunk_len_runs_a_long_prompt_remainder_first(adapter):
+    """A prompt longer than a chunk starts with its remainder, so no later chunk is padded;
+    a prompt resumed after a cached prefix runs whole chunks and pads its last."""
+    spec = _spec(adapter)
+    c = spec.chunk_size
+    assert _chunks(spec, 0, 2 * c + 5) == [5, c, c]
+    assert _chunks(spec, 0, 2 * c) == [c, c]
+    assert _chunks(spec, 0, c) == [c]
+    assert _chunks(spec, 0, 3) == [3]
+    assert _chunks(spec, 2, c + 7) == [c, 5]
+    for n in range(1, 3 * c + 2):
+        chunks = _chunks(spec, 0, n)
+        assert sum(chunks) == n and all(x == c for x in chunks[1:])
+        # Every chunk's shape is one the warm-up compiles.
+        start = 0
+        for x in chunks:
+            assert spec.prefill_shape(start, x) in spec.prefill_shapes()
+            start += x
+    with pytest.raises(EngineSpecError, match="position"):
+        spec.chunk_len(5, 5)
+
+
 def test_pallas_kernel_path_equals_adapter_generate(adapter):
     """The same steps with the paged Pallas kernel (interpreted on the CPU) for both the
     prefill chunks and decode: two sampled requests decoded side by side."""

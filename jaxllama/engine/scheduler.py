@@ -318,8 +318,9 @@ class Engine:
                      prefill_budget: int | None = None) -> "Engine":
         """An engine over a loaded adapter's params. max_context (prompt + output tokens
         of one request) defaults to min(the model's context, 4096); num_pages to enough
-        for every slot at max_context; the prefill buckets are the powers of 4 from 16
-        up to prefill_chunk, and prefill_chunk itself."""
+        for every slot at max_context; the prefill buckets are the powers of 2 from 16
+        up to prefill_chunk, and prefill_chunk itself (a prompt's first chunk is padded
+        to its bucket: finer buckets waste fewer tokens and compile a few more programs)."""
         config = adapter.config
         if max_context is None:
             max_context = min(config.context_length, 4096)
@@ -330,7 +331,8 @@ class Engine:
         max_pages = math.ceil(max_context / page_size)
         if num_pages is None:
             num_pages = num_slots * max_pages if isinstance(num_slots, int) else 1
-        buckets = sorted({b for b in (16, 64, 256, 1024) if b < prefill_chunk} | {prefill_chunk})
+        buckets = sorted({b for b in (16, 32, 64, 128, 256, 512, 1024) if b < prefill_chunk}
+                         | {prefill_chunk})
         eos = adapter.eos_ids()
         spec = EngineSpec(config=config, num_slots=num_slots, page_size=page_size,
                           num_pages=num_pages, max_pages_per_slot=max_pages,
@@ -565,7 +567,7 @@ class Engine:
             if not pending:
                 return
             run = min(pending, key=lambda r: r.handle.request_id)
-            size = min(self.spec.chunk_size, run.handle.prompt_len - run.prefilled)
+            size = self.spec.chunk_len(run.prefilled, run.handle.prompt_len)
             if budget is not None and spent and spent + size > budget:
                 return
             self._prefill_chunk(run)
@@ -576,7 +578,7 @@ class Engine:
         spec = self.spec
         prompt = run.handle.prompt
         start = run.prefilled
-        chunk = prompt[start: start + spec.chunk_size]
+        chunk = prompt[start: start + spec.chunk_len(start, len(prompt))]
         length, window = spec.prefill_shape(start, len(chunk))
         tokens = np.zeros((length,), np.int32)
         tokens[: len(chunk)] = chunk

@@ -204,6 +204,19 @@ class EngineSpec:
             )
         return next(b for b in self.prefill_buckets if b >= num_tokens)
 
+    def chunk_len(self, start: int, prompt_len: int) -> int:
+        """How many prompt tokens the chunk at position `start` of a `prompt_len`-token
+        prompt runs. A prompt longer than chunk_size starts with its remainder
+        (prompt_len % chunk_size tokens, padded to their bucket), so every later chunk
+        is exactly chunk_size tokens and none is padding; a prompt resumed past a cached
+        prefix (start > 0) runs chunk_size tokens at a time, its last chunk padded."""
+        if not 0 <= start < prompt_len:
+            raise EngineSpecError(f"a chunk at position {start} of a {prompt_len}-token prompt")
+        rest = prompt_len % self.chunk_size
+        if start == 0 and prompt_len > self.chunk_size and rest:
+            return rest
+        return min(self.chunk_size, prompt_len - start)
+
     def prefill_shape(self, start: int, num_tokens: int) -> tuple[int, int]:
         """(chunk length, window) of the prefill chunk of `num_tokens` tokens at position
         `start`: one of `prefill_shapes()`, so no schedule compiles more. A prompt's
