@@ -60,9 +60,10 @@ class EngineSpec:
         tokens (prompt + generated).
       prefill_buckets: the chunk lengths `prefill_chunk` is compiled for, ascending; the
         last is the prefill chunk size (a prompt is run in chunks of that many tokens,
-        its last chunk padded to the smallest bucket that holds it).
-      attention_impl: "xla" (the gather twin) or "pallas" / "pallas_interpret" (the
-        paged Pallas kernel, compiled or interpreted).
+        after its remainder, padded to the smallest bucket that holds it: `chunk_len`).
+      attention_impl: "xla" (prefill through the gather twin; decode over a dense copy
+        of each slot's window, gathered once per dispatch) or "pallas" /
+        "pallas_interpret" (the paged Pallas kernel, compiled or interpreted).
       decode_steps: N, decode steps per `decode` dispatch.
       max_stop_ids: E, stop token ids a slot can hold (EOS included).
       top_logprobs: K, the most top log-probabilities a request can ask for; `insert`
