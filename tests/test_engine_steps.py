@@ -344,22 +344,27 @@ def _chunks(spec, start, prompt_len):
 
 def test_chunk_len_runs_a_long_prompt_remainder_first(adapter):
     """A prompt longer than a chunk starts with its remainder, so no later chunk is padded;
-    a prompt resumed after a cached prefix runs whole chunks and pads its last."""
+    so does the rest of a prompt resumed after a cached prefix, padded to resume_bucket
+    when it fits (a quarter of a chunk here), not to a whole chunk."""
     spec = _spec(adapter)
     c = spec.chunk_size
+    assert spec.resume_bucket == 4 < c
     assert _chunks(spec, 0, 2 * c + 5) == [5, c, c]
     assert _chunks(spec, 0, 2 * c) == [c, c]
     assert _chunks(spec, 0, c) == [c]
     assert _chunks(spec, 0, 3) == [3]
-    assert _chunks(spec, 2, c + 7) == [c, 5]
-    for n in range(1, 3 * c + 2):
-        chunks = _chunks(spec, 0, n)
-        assert sum(chunks) == n and all(x == c for x in chunks[1:])
-        # Every chunk's shape is one the warm-up compiles.
-        start = 0
-        for x in chunks:
-            assert spec.prefill_shape(start, x) in spec.prefill_shapes()
-            start += x
+    assert _chunks(spec, 2, c + 7) == [5, c]
+    assert spec.prefill_shape(4, 3) == (spec.resume_bucket, spec.window(2))
+    assert spec.prefill_shape(4, 5)[0] == c
+    for start in (0, 4, 12):
+        for n in range(start + 1, start + 3 * c + 2):
+            chunks = _chunks(spec, start, n)
+            assert sum(chunks) == n - start and all(x == c for x in chunks[1:])
+            # Every chunk's shape is one the warm-up compiles.
+            at = start
+            for x in chunks:
+                assert spec.prefill_shape(at, x) in spec.prefill_shapes()
+                at += x
     with pytest.raises(EngineSpecError, match="position"):
         spec.chunk_len(5, 5)
 

@@ -79,7 +79,10 @@ def test_many_requests_equal_generate_alone(adapter):
     requests = [(p, int(rng.integers(1, 12)), SETTINGS[i % len(SETTINGS)])
                 for i, p in enumerate(prompts)]
     refs = [_reference(adapter, *r) for r in requests]
-    with _engine(adapter) as engine:
+    # Chunks of 32 (buckets 16, 32): the rest of a prompt after its cached prefix runs
+    # padded to resume_bucket (16), a prompt's first chunk to its bucket.
+    with _engine(adapter, prefill_chunk=32) as engine:
+        assert engine.spec.resume_bucket == 16 < engine.spec.chunk_size
         handles = [engine.submit(p, m, **s) for p, m, s in requests]
         outs = [h.result(timeout=WAIT) for h in handles]
         for out, ref, req in zip(outs, refs, requests):

@@ -205,32 +205,38 @@ class EngineSpec:
             )
         return next(b for b in self.prefill_buckets if b >= num_tokens)
 
+    @property
+    def resume_bucket(self) -> int:
+        """The chunk length a short chunk at a position past 0 (the rest of a prompt
+        after a prefix-cache hit) is padded to when it fits: the smallest bucket that
+        holds a quarter of the chunk. A prompt that shares all but a few tokens with a
+        cached one then computes a quarter of a chunk, not a whole one, at the cost of
+        one more program per window."""
+        return self.bucket(-(-self.chunk_size // 4))
+
     def chunk_len(self, start: int, prompt_len: int) -> int:
         """How many prompt tokens the chunk at position `start` of a `prompt_len`-token
-        prompt runs. A prompt longer than chunk_size starts with its remainder
-        (prompt_len % chunk_size tokens, padded to their bucket), so every later chunk
-        is exactly chunk_size tokens and none is padding; a prompt resumed past a cached
-        prefix (start > 0) runs chunk_size tokens at a time, its last chunk padded."""
+        prompt runs: the remainder of the tokens left ((prompt_len - start) %
+        chunk_size) first, then whole chunks. Every chunk after a prompt's first (from
+        0, or from the end of its cached prefix) is then exactly chunk_size tokens and
+        none is padding."""
         if not 0 <= start < prompt_len:
             raise EngineSpecError(f"a chunk at position {start} of a {prompt_len}-token prompt")
-        rest = prompt_len % self.chunk_size
-        if start == 0 and prompt_len > self.chunk_size and rest:
-            return rest
-        return min(self.chunk_size, prompt_len - start)
+        return (prompt_len - start) % self.chunk_size or self.chunk_size
 
     def prefill_shape(self, start: int, num_tokens: int) -> tuple[int, int]:
         """(chunk length, window) of the prefill chunk of `num_tokens` tokens at position
-        `start`: one of `prefill_shapes()`, so no schedule compiles more. A prompt's
-        first chunk is padded to its bucket and reads the window that bucket needs; a
-        later chunk (of a long prompt, or after a prefix-cache hit) is padded to the
-        full chunk and reads the narrowest window that holds it and the positions
-        before it. (Every bucket at every window would be len(buckets) * len(windows)
-        programs.)"""
+        `start`: one of `prefill_shapes()`, so no schedule compiles more. A chunk at 0
+        is padded to its bucket and reads the window that bucket needs; a chunk past 0
+        (a long prompt's later chunks, or the rest after a prefix-cache hit) is padded
+        to resume_bucket when it fits, else to the whole chunk, and reads the narrowest
+        window that holds it and the positions before it. (Every bucket at every window
+        would be len(buckets) * len(windows) programs.)"""
+        bucket = self.bucket(num_tokens)  # range check
         if start == 0:
-            bucket = self.bucket(num_tokens)
             return bucket, self._pages_window(bucket)
-        self.bucket(num_tokens)  # range check
-        return self.chunk_size, self._pages_window(max(start + num_tokens, self.chunk_size))
+        length = self.resume_bucket if num_tokens <= self.resume_bucket else self.chunk_size
+        return length, self._pages_window(max(start + num_tokens, length))
 
     def _pages_window(self, positions: int) -> int:
         """The window for positions [0, positions), at most the whole table."""
@@ -238,10 +244,11 @@ class EngineSpec:
 
     def prefill_shapes(self) -> tuple[tuple[int, int], ...]:
         """Every (chunk length, window) `prefill_shape` can return, sorted."""
-        first = {(b, self._pages_window(b)) for b in self.prefill_buckets}
-        narrowest = self._pages_window(self.chunk_size)
-        later = {(self.chunk_size, w) for w in self.windows if w >= narrowest}
-        return tuple(sorted(first | later))
+        shapes = {(b, self._pages_window(b)) for b in self.prefill_buckets}
+        for length in {self.resume_bucket, self.chunk_size}:
+            narrowest = self._pages_window(length)
+            shapes |= {(length, w) for w in self.windows if w >= narrowest}
+        return tuple(sorted(shapes))
 
 
 @struct.dataclass
