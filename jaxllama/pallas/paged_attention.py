@@ -405,19 +405,27 @@ def paged_attention_reference(
     v = _gather_head_major(v_pages, block_table).astype(jnp.float32)
     seq_k = k.shape[2]
 
+    # A kv head's G query heads and T queries are one (G * T)-row operand, so both dots
+    # are plain batched matmuls over (B, K); the (B, K, G, T) layout with G and T as
+    # separate free dimensions ran ~4.5x slower on XLA:CPU (256 queries over 2,048
+    # keys: 106 -> 23 ms a layer; benchmarks/RESULTS.md, "Paged attention twin").
+    rows = group * seq_q
     qg = q4.astype(jnp.float32).reshape(batch, seq_q, num_kv_heads, group, head_dim)
-    logits = jnp.einsum("BTKGH,KBSH->BKGTS", qg, k) * sm_scale
+    qg = jnp.transpose(qg, (0, 2, 3, 1, 4)).reshape(batch, num_kv_heads, rows, head_dim)
+    logits = jnp.einsum("BKQH,KBSH->BKQS", qg, k) * sm_scale
     q_pos = q_offset[:, None] + jnp.arange(seq_q)[None, :]  # (B, T)
     slots = jnp.arange(seq_k)
     key_ok = slots[None, :] < lengths[:, None]  # (B, S)
-    valid = attention_mask(q_pos, lengths, seq_k)[:, None, None]  # (B, 1, 1, T, S): the one rule
+    valid = attention_mask(q_pos, lengths, seq_k)  # (B, T, S): the one rule
+    valid = jnp.broadcast_to(valid[:, None, None], (batch, num_kv_heads, group, seq_q, seq_k))
+    valid = valid.reshape(batch, num_kv_heads, rows, seq_k)
     logits = jnp.where(valid, logits, -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # queries with no valid key: keep exp() NaN-free
     p = jnp.where(valid, jnp.exp(logits - m), 0.0)
-    l = jnp.sum(p, axis=-1)  # (B, K, G, T)
+    l = jnp.sum(p, axis=-1, keepdims=True)  # (B, K, Q, 1)
     v = jnp.where(key_ok[None, :, :, None], v, 0.0)
-    o = jnp.einsum("BKGTS,KBSH->BTKGH", p, v)
-    l = jnp.transpose(l, (0, 3, 1, 2))[..., None]  # (B, T, K, G, 1)
+    o = jnp.einsum("BKQS,KBSH->BKQH", p, v)
     o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
+    o = jnp.transpose(o.reshape(batch, num_kv_heads, group, seq_q, head_dim), (0, 3, 1, 2, 4))
     return o.reshape(q.shape).astype(q.dtype)
