@@ -189,6 +189,52 @@ def test_prefill_budget_bounds_prompt_tokens_between_decode_dispatches(adapter, 
         _engine(adapter, prefill_budget=0)
 
 
+def test_decode_splits_by_window_and_outputs_still_equal_generate(adapter, monkeypatch):
+    """A long request beside short streams: on the XLA path an iteration decodes the
+    slots of narrower windows first, as their own dispatch, then the long one's window
+    (`Engine._decode_groups`), when that costs at most half of one dispatch; with a
+    weights pass priced at 0 pages it always does here. Every output still equals
+    adapter.generate of its prompt alone, and a weights pass priced above the dense
+    dispatch never splits."""
+    dispatches, groupings = [], []
+    real_decode, real_groups = steps.decode, Engine._decode_groups
+
+    def decode(params, state, spec, window, rows):
+        dispatches.append(window)
+        return real_decode(params, state, spec, window, rows)
+
+    def groups(self, decoding):
+        out = real_groups(self, decoding)
+        groupings.append([sorted(len(r.pages) for r in g) for g in out])
+        return out
+
+    monkeypatch.setattr(steps, "decode", decode)
+    monkeypatch.setattr(Engine, "_decode_groups", groups)
+    long_prompt = list(range(3, 43))  # 40 tokens: 10 pages of 4, window 16
+    requests = [([5, 6, 7], 20, {}), ([9, 10], 16, dict(temperature=0.9, seed=7)),
+                (long_prompt, 6, {})]
+    refs = [_reference(adapter, *r) for r in requests]
+    for weight_pages, split in ((0.0, True), (1e9, False)):
+        dispatches.clear()
+        groupings.clear()
+        with _engine(adapter, prefill_chunk=32) as engine:  # the long prompt in 2 chunks
+            assert engine.spec.windows == (8, 16) and engine._weight_pages > 0
+            engine._weight_pages = weight_pages
+            streams = [engine.submit(p, m, **s) for p, m, s in requests[:2]]
+            for h in streams:
+                _wait_running(h)
+            long = engine.submit(*requests[2][:2])
+            outs = [h.result(timeout=WAIT) for h in streams + [long]]
+            assert [o.tokens for o in outs] == refs
+            _check_idle(engine)
+        # One dispatch per group, in order; split: the streams' pages (window 8), then
+        # the long request's (window 16).
+        assert len(dispatches) == sum(len(g) for g in groupings)
+        two = [g for g in groupings if len(g) == 2]
+        assert bool(two) == split, groupings
+        assert all(max(n) <= 8 < min(w) for n, w in two) and 16 in dispatches
+
+
 def test_stream_iterators_and_callback(adapter):
     prompt, m = [5, 9, 17, 33], 10
     ref = _reference(adapter, prompt, m, {})

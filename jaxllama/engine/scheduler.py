@@ -296,6 +296,13 @@ class Engine:
         self.max_waiting = max_waiting
         self._alloc = PageAllocator(spec.num_pages, spec.page_size, prefix_caching=prefix_caching)
         self._state = EngineState.create(spec, params.dtype)
+        # One pass over the weights in page-rows (one page of K and V in every layer):
+        # what a decode dispatch costs beyond its attention (`_decode_groups`).
+        config = spec.config
+        page_bytes = (config.num_layers * 2 * config.num_kv_heads * spec.page_size
+                      * config.head_dim * self._state.cache.k[0].dtype.itemsize)
+        self._weight_pages = sum(getattr(x, "nbytes", 0)
+                                 for x in jax.tree.leaves(params)) / page_bytes
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the counters below and _closed
         self._waiting: collections.deque[RequestHandle] = collections.deque()
@@ -630,25 +637,59 @@ class Engine:
                 with self._lock:
                     run.pages += self._alloc.allocate(need - len(run.pages))
                 self._set_pages(run)
-        window = spec.window(max(len(run.pages) for run in decoding))
-        self._state, tokens, valid, logprobs = steps.decode(self.params, self._state, spec,
-                                                            window, self._rows(decoding))
-        tokens, valid, logprobs = jax.device_get((tokens, valid, logprobs))
-        now = time.monotonic()
-        for run in decoding:
-            for n in range(spec.decode_steps):
-                if valid[n, run.slot] and self._emit(run, int(tokens[n, run.slot]), logprobs,
-                                                     (n, run.slot), now):
-                    break
+        for group in self._decode_groups(decoding):
+            window = spec.window(max(len(run.pages) for run in group))
+            rows = self._rows(group)
+            self._state, tokens, valid, logprobs = steps.decode(self.params, self._state, spec,
+                                                                window, rows)
+            tokens, valid, logprobs = jax.device_get((tokens, valid, logprobs))
+            now = time.monotonic()
+            for slot in rows.tolist():
+                # Every decoding slot among the rows (a padding row may be one of another
+                # group: it advances here as far as this window holds its positions).
+                run = self._running.get(slot)
+                if run is None or not run.decoding:
+                    continue
+                for n in range(spec.decode_steps):
+                    if valid[n, slot] and self._emit(run, int(tokens[n, slot]), logprobs,
+                                                     (n, slot), now):
+                        break
 
-    def _rows(self, decoding: list[_Running]) -> np.ndarray:
-        """The slots a decode dispatch runs: the decoding ones, then slots that are not
-        decoding (they stay as they are) up to the narrowest of spec.decode_widths."""
-        width = self.spec.decode_width(len(decoding))
-        chosen = [run.slot for run in decoding]
+    def _decode_groups(self, decoding: list[_Running]) -> list[list[_Running]]:
+        """The decode dispatches of one iteration, in order: all decoding slots in one,
+        or (XLA path) two when that lets most slots skip a long request's window.
+
+        The XLA decode reads every row's whole window (a dense copy of it), so one
+        request at a wide window makes every slot of the dispatch pay for it. Costing
+        a dispatch as its width * window (page-rows read) plus one pass over the weights
+        (`_weight_pages`, the weights' bytes in page-rows), the slots whose window is
+        narrower than the widest run first as their own dispatch when that costs at most
+        half of the one dispatch: their tokens then arrive at their own pace, and the
+        wide slots run after them (one more weights pass, paid by the wide ones)."""
+        spec = self.spec
+
+        def cost(group):
+            return (spec.decode_width(len(group))
+                    * spec.window(max(len(run.pages) for run in group)) + self._weight_pages)
+
+        if spec.attention_impl != "xla":
+            return [decoding]  # the paged kernel reads each slot's own pages only
+        widest = spec.window(max(len(run.pages) for run in decoding))
+        narrow = [r for r in decoding if spec.window(len(r.pages)) < widest]
+        if not narrow or 2 * cost(narrow) > cost(decoding):
+            return [decoding]
+        return [narrow, [r for r in decoding if spec.window(len(r.pages)) == widest]]
+
+    def _rows(self, group: list[_Running]) -> np.ndarray:
+        """The slots a decode dispatch runs: the group's, then slots that are not
+        decoding (they stay as they are), then other decoding slots, up to the narrowest
+        of spec.decode_widths that holds the group."""
+        width = self.spec.decode_width(len(group))
+        chosen = [run.slot for run in group]
         taken = set(chosen)
-        chosen += [s for s in range(self.spec.num_slots) if s not in taken][: width - len(chosen)]
-        return np.asarray(chosen, np.int32)
+        others = sorted((s for s in range(self.spec.num_slots) if s not in taken),
+                        key=lambda s: s in self._running and self._running[s].decoding)
+        return np.asarray(chosen + others[: width - len(chosen)], np.int32)
 
     def _warmup(self) -> None:
         """Run every program a request can meet once, on scratch pages (freed after),
