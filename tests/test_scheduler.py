@@ -211,19 +211,33 @@ def test_decode_splits_by_window_and_outputs_still_equal_generate(adapter, monke
     monkeypatch.setattr(steps, "decode", decode)
     monkeypatch.setattr(Engine, "_decode_groups", groups)
     long_prompt = list(range(3, 43))  # 40 tokens: 10 pages of 4, window 16
-    requests = [([5, 6, 7], 20, {}), ([9, 10], 16, dict(temperature=0.9, seed=7)),
+    # The streams stay within 8 pages (32 tokens) and outlast the long prompt's prefill.
+    requests = [([9, 10], 24, {}), ([5, 6, 7], 24, dict(temperature=0.9, seed=7)),
                 (long_prompt, 6, {})]
     refs = [_reference(adapter, *r) for r in requests]
+    assert all(len(r) == 24 for r in refs[:2]), "a stream ends early: pick other prompts"
     for weight_pages, split in ((0.0, True), (1e9, False)):
         dispatches.clear()
         groupings.clear()
+        # The engine thread holds at the first stream's first token that comes while
+        # the second has one too, until the long request is submitted: the long prompt
+        # then always joins while both streams decode, however slow this machine is.
+        both, submitted, streams = threading.Event(), threading.Event(), []
+
+        def hold(handle, token, streams=streams, both=both, submitted=submitted):
+            if token is not None and not both.is_set() and streams[1].tokens:
+                both.set()
+                assert submitted.wait(WAIT)
+
         with _engine(adapter, prefill_chunk=32) as engine:  # the long prompt in 2 chunks
             assert engine.spec.windows == (8, 16) and engine._weight_pages > 0
             engine._weight_pages = weight_pages
-            streams = [engine.submit(p, m, **s) for p, m, s in requests[:2]]
-            for h in streams:
-                _wait_running(h)
+            (p0, m0, s0), (p1, m1, s1) = requests[:2]
+            streams.append(engine.submit(p0, m0, callback=hold, **s0))
+            streams.append(engine.submit(p1, m1, **s1))
+            assert both.wait(WAIT), "the two streams never decoded together"
             long = engine.submit(*requests[2][:2])
+            submitted.set()
             outs = [h.result(timeout=WAIT) for h in streams + [long]]
             assert [o.tokens for o in outs] == refs
             _check_idle(engine)
