@@ -779,6 +779,10 @@ def _add_serve_parser(sub) -> None:
                    help="require `Authorization: Bearer KEY` on every route but /health "
                         "(default: $JAXLLAMA_API_KEY if set, else none)")
     p.add_argument("--slots", type=int, default=8, help="parallel decode slots (default 8)")
+    p.add_argument("--mesh", type=int, default=1, metavar="M",
+                   help="split the model over M devices (tensor parallel: weights and KV "
+                        "pages by heads, FFN and vocabulary where M divides them; default "
+                        "1, one device)")
     p.add_argument("--max-context", type=int, default=None,
                    help="most prompt + output tokens of one request (default: the model's "
                         "context, at most 4096)")
@@ -827,7 +831,8 @@ def _check_serve(p: argparse.ArgumentParser, args) -> None:
         p.error(f"argument --port: {args.port} is out of range; expected 0 to 65535")
     if args.api_key is not None and not args.api_key.strip():
         p.error("argument --api-key: an empty key")
-    for flag, value, low in (("--slots", args.slots, 1), ("--max-context", args.max_context, 2),
+    for flag, value, low in (("--slots", args.slots, 1), ("--mesh", args.mesh, 1),
+                             ("--max-context", args.max_context, 2),
                              ("--page-size", args.page_size, 1),
                              ("--num-pages", args.num_pages, 1),
                              ("--prefill-chunk", args.prefill_chunk, 1),

@@ -133,6 +133,15 @@ class ShardingPlan:
         """(B, K, S, H): batch over data, KV heads over model (see the rule)."""
         return P(self._batch_axis(batch), MODEL if self.kv_split() else None, None, None)
 
+    def pool_sharding(self) -> NamedSharding:
+        """A paged pool (K, pages, page size, H) (`jaxllama.engine.paged_cache`): KV heads
+        over model as in `cache_spec`; pages are shared by every slot, so never split."""
+        return self.named(P(MODEL if self.kv_split() else None, None, None, None))
+
+    def replicated(self) -> NamedSharding:
+        """Whole on every device of the mesh."""
+        return self.named(P())
+
     def batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
         """Arrays whose first axis is the batch: split over `data`, rest replicated."""
         return self.named(P(self._batch_axis(shape[0]), *([None] * (len(shape) - 1))))

@@ -19,6 +19,7 @@ import threading
 import time
 
 import httpx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import openai
@@ -310,6 +311,13 @@ def test_load_with_cancellations(tiny_server, tiny_adapter):
     _good(tiny_server)
 
 
+def _serve_env() -> dict:
+    """This environment, with the repository on PYTHONPATH (for `python -m jaxllama`)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+
+
 def test_sigterm_exits_zero_within_grace(tiny_path):
     """`jaxllama serve` in a subprocess, one long stream running, SIGTERM: the stream is
     cut at the grace period's end and the process exits 0 soon after."""
@@ -317,9 +325,7 @@ def test_sigterm_exits_zero_within_grace(tiny_path):
     port = sock.getsockname()[1]
     sock.close()
     grace = 2.0
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env = _serve_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "jaxllama", "serve", "--model", str(tiny_path), "--port",
          str(port), "--slots", "2", "--max-context", "4096", "--prefill-chunk", "64",
@@ -366,6 +372,46 @@ def test_sigterm_exits_zero_within_grace(tiny_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (tests/conftest.py "
+                    "sets --xla_force_host_platform_device_count=8 when XLA_FLAGS is unset)")
+def test_serve_mesh_splits_the_model_and_answers_as_one_device(tiny_path, tiny_adapter):
+    """`jaxllama serve --mesh 2` on 8 virtual CPU devices: it says so on start, and a
+    greedy and a seeded completion equal the single-device adapter.generate. `--mesh`
+    beyond the devices is refused before loading, naming the flag and the count."""
+    bad = subprocess.run(
+        [sys.executable, "-m", "jaxllama", "serve", "--model", str(tiny_path), "--mesh", "16"],
+        env=_serve_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--mesh 16 needs 16 devices" in bad.stderr, bad.stderr
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxllama", "serve", "--model", str(tiny_path), "--port",
+         str(port), "--slots", "2", "--max-context", "128", "--prefill-chunk", "32",
+         "--mesh", "2", "--log-level", "warning"],
+        env=_serve_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, timeout=240)
+        ids = [5, 17, 33, 60, 101]
+        for config in (dict(temperature=0), dict(temperature=0.9, seed=11)):
+            ref = _reference(tiny_adapter, ids, 12, **config)
+            r = httpx.post(f"{url}/v1/completions", timeout=WAIT, json={
+                "model": str(tiny_path), "prompt": ids, "max_tokens": 12, **config})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == tiny_adapter.decode_text(ref), config
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    out = proc.stdout.read()
+    assert "over 2 devices" in out, out[-2000:]
 
 
 # ------------------------------------------------------------------ the real SmolLM2

@@ -222,3 +222,36 @@ def test_quantized_weights_on_a_mesh(tiny):
     assert _laid_out(layer.w_down.q, None, "model")
     assert {s.data.shape for s in layer.w_down.scales.addressable_shards} == {(64, 1)}
     assert sharded.vram_usage() < single.vram_usage()
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 4), (2, 4)], ids=lambda s: f"mesh{s[0]}x{s[1]}")
+def test_engine_on_a_mesh_equals_single_device_generate(tmp_path, mesh_shape):
+    """The serving engine over a sharded adapter (what `jaxllama serve --mesh` runs):
+    its state is made on the adapter's mesh, the page pools split by KV heads where the
+    model axis divides them (4 KV heads over 4), and every request's tokens equal the
+    single-device adapter.generate of its prompt alone, greedy and seeded."""
+    from jaxllama.engine.scheduler import Engine
+
+    path = write_gguf(tiny_hf_model("qwen2", **TINY), tmp_path / "qwen2.gguf")
+    single = LlamaInferenceAdapter.from_gguf(str(path), dtype=jnp.float32, progress=False)
+    data, model = mesh_shape
+    mesh = make_mesh(model=model, data=data, devices=jax.devices()[:data * model])
+    sharded = LlamaInferenceAdapter.from_gguf(str(path), dtype=jnp.float32, progress=False,
+                                              mesh=mesh)
+    settings = [dict(), dict(temperature=0.9, seed=5), dict(temperature=0.7, top_k=20, seed=9)]
+    requests = [(row, 6 + 3 * i, settings[i % 3])
+                for i, row in enumerate(_rows(5, single.vocab_size(), seed=3))]
+    refs = [single.generate(p, m, AdapterForwardConfig(**s))[len(p):] for p, m, s in requests]
+    with Engine.from_adapter(sharded, num_slots=3, max_context=64, page_size=4,
+                             prefill_chunk=8, decode_steps=4) as engine:
+        pool = engine._state.cache.k[0]
+        assert pool.sharding.mesh == mesh and _laid_out(pool, "model")
+        assert _laid_out(engine._state.block_table)
+        handles = [engine.submit(p, m, **s) for p, m, s in requests]
+        assert [h.result(timeout=300).tokens for h in handles] == refs
+        m = engine.metrics()
+        assert m.slots_used == 0 and m.pages_used == 0
+        assert engine._state.cache.k[0].sharding.mesh == mesh  # the steps kept the layout
+    with pytest.raises(InvalidRequestError, match="on a mesh"):
+        Engine.from_adapter(sharded, num_slots=2, max_context=32, page_size=4,
+                            prefill_chunk=8, attention="pallas_interpret")

@@ -278,7 +278,10 @@ class Engine:
 
     def __init__(self, params, spec: EngineSpec, *, eos_ids: Sequence[int] = (),
                  prefix_caching: bool = True, max_waiting: int | None = None,
-                 prefill_budget: int | None = None):
+                 prefill_budget: int | None = None, plan=None):
+        """`plan`: the `jaxllama.sharding.ShardingPlan` the params are placed by, if they
+        are on a mesh (`from_adapter` passes the adapter's); the engine state is then
+        made on the same mesh."""
         if prefill_budget is None:
             prefill_budget = spec.chunk_size
         if (isinstance(prefill_budget, bool) or not isinstance(prefill_budget, int)
@@ -295,7 +298,12 @@ class Engine:
         self.eos_ids = tuple(int(t) for t in eos_ids)
         self.max_waiting = max_waiting
         self._alloc = PageAllocator(spec.num_pages, spec.page_size, prefix_caching=prefix_caching)
-        self._state = EngineState.create(spec, params.dtype)
+        if plan is not None and spec.attention_impl != "xla":
+            raise InvalidRequestError(
+                f"attention {spec.attention_impl!r} on a mesh: the Pallas kernels run on one "
+                f"device; expected attention 'xla' with a sharded model")
+        self.plan = plan
+        self._state = EngineState.create(spec, params.dtype, plan)
         # One pass over the weights in page-rows (one page of K and V in every layer):
         # what a decode dispatch costs beyond its attention (`_decode_groups`).
         config = spec.config
@@ -347,7 +355,8 @@ class Engine:
                           decode_steps=decode_steps, max_stop_ids=max(4, len(eos) + 4),
                           top_logprobs=top_logprobs)
         return cls(adapter.model.params, spec, eos_ids=eos, prefix_caching=prefix_caching,
-                   max_waiting=max_waiting, prefill_budget=prefill_budget)
+                   max_waiting=max_waiting, prefill_budget=prefill_budget,
+                   plan=adapter.model.plan)
 
     # -- lifecycle -------------------------------------------------------------------
 

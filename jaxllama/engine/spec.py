@@ -370,9 +370,22 @@ class EngineState:
     seen: Array  # (B, V) bool, tokens of the prompt and output (for the repetition penalty)
 
     @classmethod
-    def create(cls, spec: EngineSpec, dtype=jnp.float32) -> "EngineState":
+    def create(cls, spec: EngineSpec, dtype=jnp.float32, plan=None) -> "EngineState":
         """An engine with every slot free and every page zero; pools in `dtype` (that of
-        the params, `Params.dtype`)."""
+        the params, `Params.dtype`). With `plan` (a `jaxllama.sharding.ShardingPlan`, that
+        of the params), made directly in its shards on the plan's mesh: the page pools
+        split by KV heads as the dense cache is (`ShardingPlan.pool_sharding`), every
+        per-slot array replicated; the jitted steps then run partitioned by XLA."""
+        if plan is None:
+            return cls._zeros(spec, dtype)
+        shapes = jax.eval_shape(lambda: cls._zeros(spec, dtype))
+        pool, whole = plan.pool_sharding(), plan.replicated()
+        shardings = jax.tree.map(lambda _: whole, shapes).replace(cache=PagedKVCache(
+            k=tuple(pool for _ in shapes.cache.k), v=tuple(pool for _ in shapes.cache.v)))
+        return jax.jit(lambda: cls._zeros(spec, dtype), out_shardings=shardings)()
+
+    @classmethod
+    def _zeros(cls, spec: EngineSpec, dtype) -> "EngineState":
         b = spec.num_slots
         return cls(
             cache=PagedKVCache.create(spec.config, spec.num_pages, spec.page_size, dtype),

@@ -34,6 +34,25 @@ class GracefulServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def serve_mesh(model: int):
+    """`--mesh M`: a (data 1, model M) mesh over the first M devices, or None for M == 1
+    (one device, no mesh). The engine splits its weights and KV pages over `model`; its
+    slots are not split (more traffic: more replicas, see the README)."""
+    if model == 1:
+        return None
+    import jax
+
+    from jaxllama.errors import InvalidRequestError
+    from jaxllama.sharding import make_mesh
+
+    devices = jax.devices()
+    if model > len(devices):
+        raise InvalidRequestError(
+            f"--mesh {model} needs {model} devices, but {jax.default_backend()} has "
+            f"{len(devices)}; expected at most {len(devices)}")
+    return make_mesh(model=model, data=1, devices=devices[:model])
+
+
 def build_engine(adapter, args):
     from jaxllama.engine.scheduler import Engine
 
@@ -53,7 +72,8 @@ def run(args) -> int:
     from jaxllama.serve.app import create_app
 
     adapter = LlamaInferenceAdapter.from_gguf(args.model, dtype=args.dtype,
-                                              weights=args.weights, progress=True)
+                                              weights=args.weights, progress=True,
+                                              mesh=serve_mesh(args.mesh))
     engine = build_engine(adapter, args)
     app = create_app(adapter, engine, model_name=args.model, api_key=args.api_key,
                      max_body_bytes=args.max_body_bytes, warmup=True, close_engine=True)
@@ -65,7 +85,8 @@ def run(args) -> int:
                             access_log=args.log_level == "debug")
     server = GracefulServer(config)
     print(f"jaxllama: serving {args.model} on http://{args.host}:{args.port}/v1 "
-          f"({args.slots} slots); /health turns 200 once warmed", file=sys.stderr, flush=True)
+          f"({args.slots} slots{'' if args.mesh == 1 else f', over {args.mesh} devices'}); "
+          "/health turns 200 once warmed", file=sys.stderr, flush=True)
     server.run()
     AppStatus.should_exit = True  # let any SSE generator still alive stop
     return 0
