@@ -185,14 +185,15 @@ def _assert_close(what, got, want, dtype):
     np.testing.assert_allclose(got, want, err_msg=what, **TOLERANCE[dtype])
 
 
-def _twin(layout: Layout, sm_scale: float):
-    return jax.jit(paged_attention_reference, static_argnames="sm_scale")(
+def _twin(layout: Layout, sm_scale: float, sliding_window: int | None = None):
+    return jax.jit(paged_attention_reference, static_argnames=("sm_scale", "sliding_window"))(
         layout.q, layout.k_pages, layout.v_pages, layout.block_table, layout.lengths,
-        layout.q_offset, sm_scale=sm_scale,
+        layout.q_offset, sm_scale=sm_scale, sliding_window=sliding_window,
     )
 
 
-def _dense_attention(layout: Layout, sm_scale: float) -> jax.Array:
+def _dense_attention(layout: Layout, sm_scale: float,
+                     sliding_window: int | None = None) -> jax.Array:
     """The model's XLA attention on the dense (B, K, S, H) keys, (B, T, N, H)."""
     q4 = layout.q if layout.q.ndim == 4 else layout.q[:, None]
     seq_q = q4.shape[1]
@@ -201,9 +202,9 @@ def _dense_attention(layout: Layout, sm_scale: float) -> jax.Array:
     # In float32: the bf16 values are exact in it, and this CPU's XLA has no
     # bf16 x bf16 -> f32 dot ("Unsupported element type for DotThunk").
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    return jax.jit(xla_attention, static_argnames="sm_scale")(
+    return jax.jit(xla_attention, static_argnames=("sm_scale", "sliding_window"))(
         f32(q4), f32(layout.k_dense), f32(layout.v_dense), positions, layout.lengths,
-        sm_scale=sm_scale)
+        sm_scale=sm_scale, sliding_window=sliding_window)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -246,6 +247,25 @@ def test_twin_matches_dense_attention(name):
             case.dtype,
         )
     _assert_close(f"{name}: twin vs dense xla_attention", twin, dense, case.dtype)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+@pytest.mark.parametrize("name", ["f32-G3-H64-L6-default-offset"] + list(CASES)[:3])
+def test_twin_sliding_window_matches_dense_attention(name, window):
+    """The engine's XLA path with a sliding window (Phi-3's): the gather twin masks as
+    the dense xla_attention does (itself checked against the float64 definition in
+    test_pallas_attention.py), and a window narrower than the keys changes the result."""
+    case = CASES.get(name) or Case(
+        jnp.float32, 2, 3, 64, 6, 5, 2, 1, (30, 7, 12), (0, 2, 1), seq_q=3
+    )
+    layout = make_layout(name, case)
+    sm_scale = case.head_dim**-0.5
+    twin = _twin(layout, sm_scale, window)
+    dense = _dense_attention(layout, sm_scale, window)
+    _assert_close(f"{name}, window {window}: twin vs dense xla_attention", twin,
+                  dense[:, 0] if case.seq_q == 1 else dense, case.dtype)
+    if window < int(np.max(np.asarray(layout.lengths))) - 1:
+        assert not np.allclose(_as64(twin), _as64(_twin(layout, sm_scale)))
 
 
 def test_paged_kernel_layout_changes_do_not_recompile():

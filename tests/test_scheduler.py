@@ -379,3 +379,39 @@ def test_real_smollm2_requests_equal_generate_alone():
         assert [o.tokens for o in outs] == refs
         assert any(o.cached_tokens > 0 for o in outs)  # the template's shared system prompt
         _check_idle(engine)
+
+
+def test_sliding_window_model_equals_transformers_and_generate(tmp_path):
+    """A Phi-3 with an 8-token sliding window (Phi-3-mini's is 2,047) served with a
+    context far past it: prompts and outputs cross the window, so the prefill chunks
+    (the paged twin) and the decode (transformer.forward over the dense window) must
+    both mask by it. Greedy outputs equal transformers' generate; greedy and seeded
+    outputs equal adapter.generate of each prompt alone; nothing leaks."""
+    import torch
+
+    hf = tiny_hf_model("phi3", sliding_window=8)
+    a = LlamaInferenceAdapter.from_model(load_gguf(write_gguf(hf, tmp_path / "phi3.gguf"),
+                                                   dtype=jnp.float32, progress=False))
+    assert a.config.sliding_window == 8
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, a.config.vocab_size, n).tolist() for n in (5, 13, 21, 30)]
+    requests = [(p, 14, SETTINGS[i % 2]) for i, p in enumerate(prompts)]
+    with torch.no_grad():
+        hf_greedy = [hf.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0].tolist()[len(p):]
+                     for p, m, s in requests if not s]
+    refs = [_reference(a, *r) for r in requests]
+    greedy = [r for r, (_, _, s) in zip(refs, requests) if not s]
+    # adapter.generate stops at EOS; transformers was told not to.
+    assert all(h[:len(g)] == g for h, g in zip(hf_greedy, greedy))
+    assert [len(g) for g in greedy] == [14, 14], "pick prompts that do not end early"
+    with _engine(a, max_context=64, page_size=4, prefill_chunk=8) as engine:
+        handles = [engine.submit(p, m, **s) for p, m, s in requests]
+        assert [h.result(timeout=WAIT).tokens for h in handles] == refs
+        _check_idle(engine)
+    # Without the window the outputs differ: the test sees the mask.
+    plain = LlamaInferenceAdapter.from_model(load_gguf(
+        write_gguf(tiny_hf_model("phi3"), tmp_path / "plain.gguf"), dtype=jnp.float32,
+        progress=False))
+    assert plain.config.sliding_window is None
+    assert plain.generate(prompts[2], 14)[len(prompts[2]):] != greedy[1]

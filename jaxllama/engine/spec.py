@@ -110,14 +110,17 @@ class EngineSpec:
         config = self.config
         if not isinstance(config, ModelConfig):
             bad("config", type(config).__name__, "a ModelConfig")
-        if config.sliding_window is not None and config.sliding_window < self.max_tokens_per_slot:
-            # The paged attention has no window (transformer.py refuses the same for its
-            # Pallas kernels).
+        if (config.sliding_window is not None and config.sliding_window < self.max_tokens_per_slot
+                and self.attention_impl != "xla"):
+            # The XLA path masks by the window (the paged twin and transformer.forward
+            # both take it from the config); the Pallas paged kernel has none
+            # (transformer.py refuses the same for its dense kernels).
             raise UnsupportedOperation(
                 config.model_type,
-                f"the engine's paged attention has no sliding window; max_pages_per_slot * "
+                f"the Pallas paged attention has no sliding window; max_pages_per_slot * "
                 f"page_size = {self.max_tokens_per_slot} exceeds the window "
-                f"({config.sliding_window})",
+                f"({config.sliding_window}); use attention_impl 'xla', or a max_context "
+                f"within the window",
             )
         if config.rope_long_factors is not None:
             # LongRoPE picks its factors per forward call by the call's furthest position

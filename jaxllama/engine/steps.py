@@ -54,7 +54,8 @@ def _paged_attention(spec: EngineSpec, q, k_pages, v_pages, block_table, kv_leng
                      sm_scale):
     if spec.attention_impl == "xla":
         return paged_attention_reference(q, k_pages, v_pages, block_table, kv_lengths, q_offset,
-                                         sm_scale=sm_scale)
+                                         sm_scale=sm_scale,
+                                         sliding_window=spec.config.sliding_window)
     return paged_attention(q, k_pages, v_pages, block_table, kv_lengths, q_offset,
                            sm_scale=sm_scale, interpret=spec.attention_impl == "pallas_interpret")
 

@@ -389,12 +389,15 @@ def paged_attention_reference(
     q_offset: jax.Array | None = None,
     *,
     sm_scale: float,
+    sliding_window: int | None = None,
     **unused_block_args,
 ) -> jax.Array:
     """The XLA twin of `paged_attention`: same arguments and masking, float32 math, q's
     shape and dtype. Each slot's pages are gathered through its block table into a
     dense (K, B, S, H) view first (the CPU path). Positions at or past lengths never
-    reach the output, even if they hold NaN; a query with no visible key gives 0."""
+    reach the output, even if they hold NaN; a query with no visible key gives 0.
+    `sliding_window` W (this twin only; the kernel has none): a query at position p also
+    sees only positions > p - W, the rule of `reference.attention_mask`."""
     del unused_block_args
     _check_args("paged_attention_reference", q, k_pages, v_pages, block_table, lengths, q_offset)
     q4, q_offset = _queries(q, lengths, q_offset)
@@ -416,7 +419,7 @@ def paged_attention_reference(
     q_pos = q_offset[:, None] + jnp.arange(seq_q)[None, :]  # (B, T)
     slots = jnp.arange(seq_k)
     key_ok = slots[None, :] < lengths[:, None]  # (B, S)
-    valid = attention_mask(q_pos, lengths, seq_k)  # (B, T, S): the one rule
+    valid = attention_mask(q_pos, lengths, seq_k, sliding_window)  # (B, T, S): the one rule
     valid = jnp.broadcast_to(valid[:, None, None], (batch, num_kv_heads, group, seq_q, seq_k))
     valid = valid.reshape(batch, num_kv_heads, rows, seq_k)
     logits = jnp.where(valid, logits, -jnp.inf)
