@@ -415,3 +415,52 @@ def test_sliding_window_model_equals_transformers_and_generate(tmp_path):
         progress=False))
     assert plain.config.sliding_window is None
     assert plain.generate(prompts[2], 14)[len(prompts[2]):] != greedy[1]
+
+
+def test_longrope_model_equals_transformers_and_generate(tmp_path):
+    """A Phi-3 with LongRoPE (original context 64 here; Phi-3 128k's is 4,096): its
+    factors follow a call's furthest position, as in transformers. The engine gives
+    every chunk of a prompt the prompt's end, so a 75-token prompt run in 16-token
+    chunks is rotated as one call would rotate it; a 30-token prompt decodes past 64;
+    the long prompt's cached pages serve a longer prompt (long factors both) but not a
+    short prompt with the same first tokens (short factors). Every output equals
+    adapter.generate of its prompt alone; greedy equals transformers' generate except
+    past the crossing of a decode that crosses the original context, where
+    transformers' Phi-3 recomputes its whole cache under the long factors and the
+    adapter (so the engine) keeps the keys it has (the divergence is asserted, so a
+    change of either side shows here)."""
+    import torch
+
+    hf = tiny_hf_model("phi3_longrope")
+    a = LlamaInferenceAdapter.from_model(load_gguf(write_gguf(hf, tmp_path / "lr.gguf"),
+                                                   dtype=jnp.float32, progress=False))
+    assert a.config.rope_long_factors is not None and a.config.rope_original_context == 64
+    rng = np.random.default_rng(5)
+    vocab = a.config.vocab_size
+    long_prompt = rng.integers(3, vocab, 75).tolist()
+    crossing = (rng.integers(3, vocab, 30).tolist(), 40, {})  # 30 + 40 > 64
+    long = (long_prompt, 8, {})
+    longer = (long_prompt[:72] + rng.integers(3, vocab, 9).tolist(), 6,
+              dict(temperature=0.9, seed=2))  # 81 tokens: reuses the long pages
+    short = (long_prompt[:16] + rng.integers(3, vocab, 5).tolist(), 6, {})  # 21: must not
+    requests = [crossing, long, longer, short]
+    refs = [_reference(a, *r) for r in requests]
+    cross = 64 - len(crossing[0])  # the first token sampled from a call reaching 65
+    with torch.no_grad():
+        for (p, m, s), ref in zip(requests, refs):
+            if not s:
+                want = hf.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0].tolist()[len(p):]
+                if p is crossing[0]:
+                    assert want[:cross] == ref[:cross] and want[cross:] != ref[cross:]
+                else:
+                    assert want[:len(ref)] == ref
+    assert len(refs[0]) == 40, "the crossing prompt must not end early"
+    with _engine(a, max_context=128, page_size=4, prefill_chunk=16) as engine:
+        first = [engine.submit(p, m, **s) for p, m, s in requests[:2]]
+        outs = [h.result(timeout=WAIT) for h in first]
+        then = [engine.submit(p, m, **s) for p, m, s in requests[2:]]
+        outs += [h.result(timeout=WAIT) for h in then]
+        assert [o.tokens for o in outs] == refs
+        assert outs[2].cached_tokens == 72 and outs[3].cached_tokens == 0
+        _check_idle(engine)

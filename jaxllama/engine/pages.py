@@ -41,10 +41,13 @@ def page_key(parent: PageKey | None, tokens: Sequence[int]) -> PageKey:
     return digest.digest()
 
 
-def prefix_keys(tokens: Sequence[int], page_size: int) -> list[PageKey]:
-    """The keys of the full pages of `tokens`, in order (a partial last page has none)."""
+def prefix_keys(tokens: Sequence[int], page_size: int,
+                root: PageKey | None = None) -> list[PageKey]:
+    """The keys of the full pages of `tokens`, in order (a partial last page has none).
+    `root` starts the chain elsewhere: pages whose keys and values were computed
+    differently for the same tokens (LongRoPE's long factors) get keys of their own."""
     keys: list[PageKey] = []
-    parent = None
+    parent = root
     for start in range(0, len(tokens) - page_size + 1, page_size):
         parent = page_key(parent, tokens[start : start + page_size])
         keys.append(parent)
@@ -129,7 +132,7 @@ class PageAllocator:
             pages.append(page)
         return pages
 
-    def match_prefix(self, tokens: Sequence[int]) -> list[int]:
+    def match_prefix(self, tokens: Sequence[int], root: PageKey | None = None) -> list[int]:
         """The cached pages holding the longest run of leading full pages of `tokens`,
         each now referenced once more (free them with the request's other pages).
         ``len(result) * page_size`` tokens need no prefill. Pass the prompt without
@@ -139,7 +142,7 @@ class PageAllocator:
         if not self.prefix_caching:
             return []
         pages = []
-        for key in prefix_keys(tokens, self.page_size):
+        for key in prefix_keys(tokens, self.page_size, root):
             page = self._by_key.get(key)
             if page is None:
                 break

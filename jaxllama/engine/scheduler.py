@@ -547,7 +547,7 @@ class Engine:
             budget = math.ceil((len(prompt) + handle.max_tokens) / spec.page_size)
             with self._lock:
                 # The last prompt token is always run (its logits give the first token).
-                shared = alloc.match_prefix(prompt[:-1])
+                shared = alloc.match_prefix(prompt[:-1], spec.prefix_root(len(prompt)))
                 own_prompt = math.ceil(len(prompt) / spec.page_size) - len(shared)
                 if alloc.num_available - self._reserved() < budget - len(shared):
                     alloc.free(shared)  # not now: it waits for pages (first come, first served)
@@ -600,7 +600,7 @@ class Engine:
         tokens[: len(chunk)] = chunk
         self._state, logits = steps.prefill_chunk(
             self.params, self._state, np.int32(run.slot), tokens, np.int32(start),
-            np.int32(len(chunk)), spec, window)
+            np.int32(len(chunk)), spec, window, np.int32(len(prompt) - 1))
         run.prefilled = start + len(chunk)
         if run.prefilled < len(prompt):
             return
@@ -608,7 +608,8 @@ class Engine:
             self._state, np.int32(run.slot), logits, run.handle._slot_request, spec)
         run.decoding = True
         with self._lock:
-            for page, key in zip(run.pages, prefix_keys(prompt, spec.page_size)):
+            for page, key in zip(run.pages, prefix_keys(prompt, spec.page_size,
+                                                        spec.prefix_root(len(prompt)))):
                 if self._alloc.refcount(page) > 0:
                     self._alloc.register(page, key)
         token, logprobs = jax.device_get((first, logprobs))
@@ -717,7 +718,7 @@ class Engine:
             # One real token at position 0: any window holds it.
             state, logits = steps.prefill_chunk(self.params, state, np.int32(slot),
                                                 np.zeros((bucket,), np.int32), np.int32(0),
-                                                np.int32(1), spec, window)
+                                                np.int32(1), spec, window, np.int32(0))
         request = SlotRequest.create(spec, max_tokens=1)
         state, _, _ = steps.insert(state, np.int32(slot), logits, request, spec)
         # Decode with every slot marked inactive, so that no row runs (requests that

@@ -122,15 +122,18 @@ class EngineSpec:
                 f"({config.sliding_window}); use attention_impl 'xla', or a max_context "
                 f"within the window",
             )
-        if config.rope_long_factors is not None:
-            # LongRoPE picks its factors per forward call by the call's furthest position
-            # (transformers' rule, kept by transformer.rope_tables): a prompt run in chunks
-            # would switch factors mid-prompt and no longer match a one-call prefill.
-            raise UnsupportedOperation(
-                config.model_type,
-                "the engine runs prompts in chunks, and LongRoPE (rope_long_factors) chooses "
-                "its factors per call; use LlamaInferenceAdapter for this model",
-            )
+
+    def prefix_root(self, prompt_len: int) -> bytes | None:
+        """The prefix-cache chain root of a prompt of `prompt_len` tokens
+        (`pages.prefix_keys`). LongRoPE (Phi-3 128k) picks its factors by a call's
+        furthest position (transformers' rule, `transformer.rope_tables`), and every
+        chunk of a prompt is given the prompt's end (`prefill_chunk`'s `rope_end`), so
+        a prompt past the original context has all its keys under the long factors:
+        its pages are keyed apart from the same tokens' pages of a shorter prompt."""
+        config = self.config
+        if config.rope_long_factors is not None and prompt_len > config.rope_original_context:
+            return b"longrope-long-factors"
+        return None
 
     @property
     def chunk_size(self) -> int:

@@ -61,7 +61,8 @@ def _paged_attention(spec: EngineSpec, q, k_pages, v_pages, block_table, kv_leng
 
 
 def paged_forward(params: Params, tokens: Array, cache: PagedKVCache, block_table: Array,
-                  start: Array, num_new: Array, *, spec: EngineSpec) -> tuple[Array, PagedKVCache]:
+                  start: Array, num_new: Array, *, spec: EngineSpec,
+                  rope_end: Array | None = None) -> tuple[Array, PagedKVCache]:
     """Run `tokens` (B, T) at positions start[b] + t through the model, writing their keys
     and values through `block_table` (B, M) into the pools; row b's first num_new[b]
     tokens are real (the rest, and whole rows with num_new 0, write nothing). Query t of
@@ -71,6 +72,8 @@ def paged_forward(params: Params, tokens: Array, cache: PagedKVCache, block_tabl
 
     The layers are `transformer.decoder_layers`, the ones `transformer.forward` runs,
     with the dense (B, K, S, H) cache replaced by the page pools in the `attend` step.
+    `rope_end` (B,): the furthest position LongRoPE chooses its factors by (default
+    each row's last real position; a prompt's chunks pass the prompt's end).
     """
     config = spec.config
     t = tokens.shape[1]
@@ -78,7 +81,8 @@ def paged_forward(params: Params, tokens: Array, cache: PagedKVCache, block_tabl
     start = start.astype(jnp.int32)
     num_new = num_new.astype(jnp.int32)
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    cos, sin = rope_tables(config, positions, start + num_new - 1)
+    cos, sin = rope_tables(config, positions, start + num_new - 1 if rope_end is None
+                           else rope_end.astype(jnp.int32))
     sm_scale = 1.0 / float(np.sqrt(config.head_dim))
     kv_lengths = start + num_new
 
@@ -216,8 +220,8 @@ def _window_table(block_table: Array, spec: EngineSpec, window: int | None, what
 
 @functools.partial(jax.jit, static_argnames=("spec", "window"), donate_argnames=("state",))
 def prefill_chunk(params: Params, state: EngineState, slot: Array, tokens: Array, start: Array,
-                  num_valid: Array, spec: EngineSpec, window: int | None = None
-                  ) -> tuple[EngineState, Array]:
+                  num_valid: Array, spec: EngineSpec, window: int | None = None,
+                  rope_end: Array | None = None) -> tuple[EngineState, Array]:
     """Run a chunk of one request's prompt in slot `slot` (not decoding).
 
     tokens (T,) int32, T one of spec.prefill_buckets, its first `num_valid` real; they
@@ -229,7 +233,9 @@ def prefill_chunk(params: Params, state: EngineState, slot: Array, tokens: Array
     `window` (one of spec.windows, or None for all M) is how many of the slot's pages
     attention reads: it must hold positions [0, start + num_valid). A T that is not a
     bucket, or a window not in spec.windows, is refused (EngineSpecError) when the call
-    is traced.
+    is traced. `rope_end` (() int32, traced): the prompt's last position, which LongRoPE
+    picks its factors by, so that a prompt run in chunks is rotated as one call over the
+    whole prompt would be (default: this chunk's last position; other models ignore it).
     """
     if jnp.ndim(tokens) != 1 or jnp.shape(tokens)[0] not in spec.prefill_buckets:
         # Each length is its own compiled program: only the buckets are allowed, so a
@@ -243,7 +249,9 @@ def prefill_chunk(params: Params, state: EngineState, slot: Array, tokens: Array
     start = jnp.asarray(start, jnp.int32)
     num_valid = jnp.asarray(num_valid, jnp.int32)
     logits, cache = paged_forward(params, tokens[None].astype(jnp.int32), state.cache, table,
-                                  start[None], num_valid[None], spec=spec)
+                                  start[None], num_valid[None], spec=spec,
+                                  rope_end=None if rope_end is None
+                                  else jnp.asarray(rope_end, jnp.int32)[None])
     state = state.replace(cache=cache, lengths=state.lengths.at[slot].set(start + num_valid))
     return state, logits[0]
 
