@@ -126,17 +126,21 @@ class ShardingPlan:
     def kv_split(self) -> bool:
         return self._splits("kv_heads")
 
+    def _kv_axis(self):
+        """The mesh axis of a cache's KV-head dimension: model when it divides them."""
+        return MODEL if self.kv_split() else None
+
     def _batch_axis(self, batch: int):
         return DATA if batch % self.data_size == 0 else None
 
     def cache_spec(self, batch: int) -> P:
         """(B, K, S, H): batch over data, KV heads over model (see the rule)."""
-        return P(self._batch_axis(batch), MODEL if self.kv_split() else None, None, None)
+        return P(self._batch_axis(batch), self._kv_axis(), None, None)
 
     def pool_sharding(self) -> NamedSharding:
         """A paged pool (K, pages, page size, H) (`jaxllama.engine.paged_cache`): KV heads
         over model as in `cache_spec`; pages are shared by every slot, so never split."""
-        return self.named(P(MODEL if self.kv_split() else None, None, None, None))
+        return self.named(P(self._kv_axis(), None, None, None))
 
     def replicated(self) -> NamedSharding:
         """Whole on every device of the mesh."""

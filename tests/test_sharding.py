@@ -225,7 +225,7 @@ def test_quantized_weights_on_a_mesh(tiny):
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 4), (2, 4)], ids=lambda s: f"mesh{s[0]}x{s[1]}")
-def test_engine_on_a_mesh_equals_single_device_generate(tmp_path, mesh_shape):
+def test_engine_on_a_mesh_equals_single_device_generate(tmp_path, mesh_shape, monkeypatch):
     """The serving engine over a sharded adapter (what `jaxllama serve --mesh` runs):
     its state is made on the adapter's mesh, the page pools split by KV heads where the
     model axis divides them (4 KV heads over 4), and every request's tokens equal the
@@ -252,6 +252,11 @@ def test_engine_on_a_mesh_equals_single_device_generate(tmp_path, mesh_shape):
         m = engine.metrics()
         assert m.slots_used == 0 and m.pages_used == 0
         assert engine._state.cache.k[0].sharding.mesh == mesh  # the steps kept the layout
+    # The backend policy's rule: the compiled Pallas kernel cannot run on a mesh (the
+    # GPU branch, taken on this CPU by replacing the platform the policy reads).
+    from jaxllama import backend
+
+    monkeypatch.setattr(backend, "platform", lambda: "gpu")
     with pytest.raises(InvalidRequestError, match="on a mesh"):
         Engine.from_adapter(sharded, num_slots=2, max_context=32, page_size=4,
-                            prefill_chunk=8, attention="pallas_interpret")
+                            prefill_chunk=8, attention="pallas")

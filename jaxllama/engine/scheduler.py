@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllama import backend
 from jaxllama.engine import steps
 from jaxllama.engine.pages import PageAllocator, prefix_keys
 from jaxllama.engine.paged_cache import NO_PAGE
@@ -298,10 +299,9 @@ class Engine:
         self.eos_ids = tuple(int(t) for t in eos_ids)
         self.max_waiting = max_waiting
         self._alloc = PageAllocator(spec.num_pages, spec.page_size, prefix_caching=prefix_caching)
-        if plan is not None and spec.attention_impl != "xla":
-            raise InvalidRequestError(
-                f"attention {spec.attention_impl!r} on a mesh: the Pallas kernels run on one "
-                f"device; expected attention 'xla' with a sharded model")
+        if plan is not None:  # the one backend policy: which kernels run on a mesh
+            backend.check("attention", spec.attention_impl, what="Engine attention",
+                          sharded=True)
         self.plan = plan
         self._state = EngineState.create(spec, params.dtype, plan)
         # One pass over the weights in page-rows (one page of K and V in every layer):
