@@ -381,14 +381,22 @@ def test_real_smollm2_requests_equal_generate_alone():
         _check_idle(engine)
 
 
+def _hf_greedy(hf, prompt, max_tokens) -> list[int]:
+    """transformers' greedy continuation of `prompt` (no EOS stop)."""
+    import torch
+
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return out[0].tolist()[len(prompt):]
+
+
 def test_sliding_window_model_equals_transformers_and_generate(tmp_path):
     """A Phi-3 with an 8-token sliding window (Phi-3-mini's is 2,047) served with a
     context far past it: prompts and outputs cross the window, so the prefill chunks
     (the paged twin) and the decode (transformer.forward over the dense window) must
     both mask by it. Greedy outputs equal transformers' generate; greedy and seeded
     outputs equal adapter.generate of each prompt alone; nothing leaks."""
-    import torch
-
     hf = tiny_hf_model("phi3", sliding_window=8)
     a = LlamaInferenceAdapter.from_model(load_gguf(write_gguf(hf, tmp_path / "phi3.gguf"),
                                                    dtype=jnp.float32, progress=False))
@@ -396,10 +404,7 @@ def test_sliding_window_model_equals_transformers_and_generate(tmp_path):
     rng = np.random.default_rng(4)
     prompts = [rng.integers(3, a.config.vocab_size, n).tolist() for n in (5, 13, 21, 30)]
     requests = [(p, 14, SETTINGS[i % 2]) for i, p in enumerate(prompts)]
-    with torch.no_grad():
-        hf_greedy = [hf.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)[0].tolist()[len(p):]
-                     for p, m, s in requests if not s]
+    hf_greedy = [_hf_greedy(hf, p, m) for p, m, s in requests if not s]
     refs = [_reference(a, *r) for r in requests]
     greedy = [r for r, (_, _, s) in zip(refs, requests) if not s]
     # adapter.generate stops at EOS; transformers was told not to.
@@ -429,8 +434,6 @@ def test_longrope_model_equals_transformers_and_generate(tmp_path):
     transformers' Phi-3 recomputes its whole cache under the long factors and the
     adapter (so the engine) keeps the keys it has (the divergence is asserted, so a
     change of either side shows here)."""
-    import torch
-
     hf = tiny_hf_model("phi3_longrope")
     a = LlamaInferenceAdapter.from_model(load_gguf(write_gguf(hf, tmp_path / "lr.gguf"),
                                                    dtype=jnp.float32, progress=False))
@@ -446,15 +449,13 @@ def test_longrope_model_equals_transformers_and_generate(tmp_path):
     requests = [crossing, long, longer, short]
     refs = [_reference(a, *r) for r in requests]
     cross = 64 - len(crossing[0])  # the first token sampled from a call reaching 65
-    with torch.no_grad():
-        for (p, m, s), ref in zip(requests, refs):
-            if not s:
-                want = hf.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False,
-                                   eos_token_id=None, pad_token_id=0)[0].tolist()[len(p):]
-                if p is crossing[0]:
-                    assert want[:cross] == ref[:cross] and want[cross:] != ref[cross:]
-                else:
-                    assert want[:len(ref)] == ref
+    for (p, m, s), ref in zip(requests, refs):
+        if not s:
+            want = _hf_greedy(hf, p, m)
+            if p is crossing[0]:
+                assert want[:cross] == ref[:cross] and want[cross:] != ref[cross:]
+            else:
+                assert want[:len(ref)] == ref
     assert len(refs[0]) == 40, "the crossing prompt must not end early"
     with _engine(a, max_context=128, page_size=4, prefill_chunk=16) as engine:
         first = [engine.submit(p, m, **s) for p, m, s in requests[:2]]
