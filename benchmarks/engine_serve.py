@@ -34,7 +34,6 @@ adapter), and throughput counts the tokens actually produced.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import statistics
 import threading

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import sys
 import time
@@ -317,28 +318,31 @@ def _policy(attention_impl: str, plain: bool):
 
 def decode_rate(model, batch: int, n_steps: int, attention_impl: str, plain: bool,
                 repeats: int) -> tuple[float, float]:
-    """(seconds per decode step, compile seconds) of the on-device loop from an empty
-    cache, batch rows, one token per row per step."""
-    from jaxllama import generation
-    from jaxllama.models.adapter import AdapterForwardConfig
+    """(seconds per decode step, compile seconds) of an on-device loop of the model's
+    dense decode step (greedy) from an empty cache, batch rows, one token per row per
+    step: the kernels' decode speed, apart from any engine."""
+    from jaxllama.models.adapter import MODEL_FUNCTIONS
     from jaxllama.models.transformer import KVCache
 
     cfg, params = model.config, model.params
     slots = max(256, 1 << n_steps.bit_length())
-    spec, sampling = AdapterForwardConfig().sampler()
     first = jnp.asarray(np.random.default_rng(batch).integers(0, cfg.vocab_size, batch), jnp.int32)
-    key, eos = jax.random.PRNGKey(0), jnp.asarray([-1], jnp.int32)
-    from jaxllama.models.adapter import MODEL_FUNCTIONS
-
     fn = MODEL_FUNCTIONS[model.model_type].forward
     impl = _policy(attention_impl, plain)
 
+    @functools.partial(jax.jit, donate_argnames=("cache",))
+    def loop(params, token, cache, steps):
+        def body(_, carry):
+            token, cache = carry
+            logits, cache = fn(params, token[:, None], cache, jnp.ones_like(token), config=cfg,
+                               attention_impl=impl)
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+
+        return jax.lax.fori_loop(0, steps, body, (token, cache))
+
     def run(steps):
         cache = KVCache.for_params(params, cfg, batch, slots)
-        out, counts, _ = generation.generate_loop(
-            params, first, cache, key, sampling, None, jnp.full((batch,), steps, jnp.int32), eos,
-            model_fn=fn, config=cfg, spec=spec, attention_impl=impl, out_len=slots)
-        return jax.block_until_ready(out)
+        return jax.block_until_ready(loop(params, first, cache, jnp.int32(steps)))
 
     def timed(steps):
         start = time.perf_counter()

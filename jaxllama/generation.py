@@ -1,11 +1,11 @@
-"""Jitted generation steps over any model function: prefill+sample, decode+sample, and
-the whole decode loop on the device (`lax.while_loop`, no host round trip per token).
+"""Jitted scoring over any model function: per-token log-probabilities of whole
+sequences (`score_tokens`, `score_tokens_top`) and packed scoring, many (context,
+continuation) requests per fixed-width row (`score_packed`, `pack_requests`).
 
-`model_fn` is a family's `forward` (static). The host-stepped path (`decode_sample`,
-used by `decode` and streaming) and the device loop share `_decode_body`, and both draw
-step t's randomness from `fold_in(key, t)`, so they give the same tokens for a seed.
-Shapes are bucketed by the caller (prompt length, cache size, output length) so that
-varied requests reuse a few compilations.
+`model_fn` is a family's `forward` (static). Generation is not here: the adapter
+generates through the serving engine's steps (`jaxllama.engine.steps`), the one decode
+implementation. Shapes are bucketed by the caller so that varied requests reuse a few
+compilations.
 """
 
 from __future__ import annotations
@@ -17,88 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllama.sampling import SamplerSpec, SamplingParams, sample, step_key
 
 _STATIC = ("model_fn", "config", "spec", "attention_impl")
-
-
-def _mark_seen(seen, tokens, valid):
-    """Set seen[b, tokens[b, t]] for the valid (b, t); seen is (B, V) bool or None."""
-    if seen is None:
-        return None
-    rows = jnp.broadcast_to(jnp.arange(tokens.shape[0])[:, None], tokens.shape)
-    return seen.at[rows, tokens].max(valid)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC + ("attend_len",), donate_argnames=("cache",))
-def prefill_sample(params, tokens, cache, num_new, key, sampling: SamplingParams, seen, *,
-                   model_fn, config, spec: SamplerSpec, attention_impl, attend_len):
-    """Prompt (B, T) padded, num_new (B,) real lengths -> first token (B,), logits, cache, seen.
-
-    Uses step index 0 for randomness.
-    """
-    logits, cache = model_fn(params, tokens, cache, num_new, config=config,
-                             attention_impl=attention_impl, attend_len=attend_len)
-    valid = jnp.arange(tokens.shape[1])[None, :] < num_new[:, None]
-    seen = _mark_seen(seen, tokens, valid)
-    token = sample(logits, step_key(key, 0), sampling, spec, seen)
-    seen = _mark_seen(seen, token[:, None], jnp.ones_like(token, bool)[:, None])
-    return token, logits, cache, seen
-
-
-def _decode_body(params, token, cache, active, key, step, sampling, seen, *,
-                 model_fn, config, spec, attention_impl):
-    logits, cache = model_fn(params, token[:, None], cache, active.astype(jnp.int32),
-                             config=config, attention_impl=attention_impl)
-    nxt = sample(logits, step_key(key, step), sampling, spec, seen)
-    seen = _mark_seen(seen, nxt[:, None], active[:, None])
-    return nxt, logits, cache, seen
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
-def decode_sample(params, token, cache, active, key, step, sampling, seen, *,
-                  model_fn, config, spec, attention_impl):
-    """Feed token (B,) for the active rows; sample the next with step index `step`."""
-    return _decode_body(params, token, cache, active, key, step, sampling, seen,
-                        model_fn=model_fn, config=config, spec=spec, attention_impl=attention_impl)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC + ("out_len",), donate_argnames=("cache",))
-def generate_loop(params, first_token, cache, key, sampling, seen, max_new, eos_ids, *,
-                  model_fn, config, spec, attention_impl, out_len):
-    """Decode on the device until each row has `max_new[b]` tokens or has emitted an EOS.
-
-    first_token (B,) is the token prefill sampled (step 0); it counts as the first
-    generated token. Returns tokens (B, out_len) (entries past a row's count are
-    undefined), counts (B,) int32 (EOS included when it came) and the final cache (returned
-    so the donated input buffer is reused in place rather than copied into the loop).
-    """
-    b = first_token.shape[0]
-    is_eos = lambda t: jnp.any(t[:, None] == eos_ids[None, :], axis=-1)  # noqa: E731
-    out = jnp.zeros((b, out_len), jnp.int32).at[:, 0].set(first_token)
-    counts = jnp.ones((b,), jnp.int32)
-    done = is_eos(first_token) | (counts >= max_new)
-
-    def cond(carry):
-        step, _, _, _, _, done, _ = carry
-        return (step < out_len) & ~jnp.all(done)
-
-    def body(carry):
-        step, token, cache, seen, out, done, counts = carry
-        active = ~done
-        nxt, _, cache, seen = _decode_body(
-            params, token, cache, active, key, step, sampling, seen,
-            model_fn=model_fn, config=config, spec=spec, attention_impl=attention_impl,
-        )
-        out = jax.vmap(lambda row, c, t, a: jnp.where(a, row.at[c].set(t), row))(out, counts, nxt, active)
-        counts = counts + active.astype(jnp.int32)
-        done = done | (active & (is_eos(nxt) | (counts >= max_new)))
-        token = jnp.where(active, nxt, token)
-        return step + 1, token, cache, seen, out, done, counts
-
-    carry = (jnp.int32(1), first_token, cache, seen, out, done, counts)
-    _, _, cache, _, out, _, counts = jax.lax.while_loop(cond, body, carry)
-    return out, counts, cache
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "config", "attention_impl"))

@@ -200,7 +200,7 @@ class ShardingPlan:
         return max(per_device.values()) if per_device else 0
 
     def describe(self) -> str:
-        c, m = self.config, self.model_size
+        m = self.model_size
         parts = [f"mesh data={self.data_size} x model={m}"]
         for what, label in (("heads", "query heads"), ("kv_heads", "KV heads"), ("ffn", "FFN"),
                             ("vocab", "vocabulary")):

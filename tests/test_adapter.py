@@ -26,7 +26,7 @@ import torch
 
 from conftest import jax_adapter
 from hf_to_gguf import tiny_hf_model, write_gguf
-from jaxllama import generation
+from jaxllama.engine import steps as engine_steps
 from jaxllama.errors import InvalidRequestError
 from jaxllama.models import (
     AdapterError,
@@ -318,17 +318,21 @@ def test_unsupported_operation_names_qwen(qwen, baseline):
     assert qwen.adapter.generate(PROMPT, N_NEW) == baseline
 
 
-@pytest.mark.parametrize("target", ["prefill_sample", "generate_loop", "decode_sample"])
-def test_forward_pass_failed_wraps_runtime_errors(qwen, baseline, monkeypatch, target):
+@pytest.mark.parametrize("target,call", [("prefill_chunk", "generate"), ("insert", "generate"),
+                                         ("decode", "generate"), ("decode", "decode"),
+                                         ("prefill_chunk", "stream")])
+def test_forward_pass_failed_wraps_runtime_errors(qwen, baseline, monkeypatch, target, call):
+    """A runtime error in any engine step the adapter runs is a ForwardPassFailed, and
+    the adapter still works after it."""
     def boom(*args, **kwargs):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1.00GiB")
 
     a = qwen.adapter
     ids, state = a.prefill(PROMPT)  # before the patch
-    monkeypatch.setattr(generation, target, boom)
-    call = {"prefill_sample": lambda: a.generate(PROMPT, N_NEW),
-            "generate_loop": lambda: a.generate(PROMPT, N_NEW),
-            "decode_sample": lambda: a.decode(ids[-1], state)}[target]
+    monkeypatch.setattr(engine_steps, target, boom)
+    call = {"generate": lambda: a.generate(PROMPT, N_NEW),
+            "stream": lambda: list(a.stream(PROMPT, N_NEW)),
+            "decode": lambda: a.decode(ids[-1], state)}[call]
     with pytest.raises(ForwardPassFailed) as exc:
         call()
     assert str(exc.value) == ("Forward pass failed: JaxRuntimeError: RESOURCE_EXHAUSTED: "

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from hf_to_gguf import tiny_hf_model, write_gguf
 from jaxllama.errors import JaxLlamaError
-from jaxllama.models import AdapterForwardConfig, DecodeState, LlamaInferenceAdapter, ModelRegistry, load_gguf
+from jaxllama.models import AdapterForwardConfig, DecodeState, LlamaInferenceAdapter, ModelRegistry
 from jaxllama.pallas.decode_attention import decode_attention, decode_attention_reference
 from jaxllama.pallas.flash_attention import flash_attention, flash_attention_reference
 from jaxllama.pallas.quant_matmul import quant_matmul, quant_matmul_reference

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxllama import generation
+from jaxllama.engine import steps
+from jaxllama.engine.spec import EngineSpec, EngineState
 from jaxllama.models.llama import Llama3Config
 from jaxllama.models.random_weights import random_model
 from jaxllama.models.transformer import KVCache, decode_step
@@ -126,30 +127,30 @@ def test_the_check_sees_a_scan_over_stacked_weights():
     assert _weight_sized_buffers(hlo, {"w": stacked[0]}) != []
 
 
-def test_generate_loop_keeps_weights_in_place(model):
-    """The on-device loop (lax.while_loop) takes the weights as loop-invariant operands:
-    no copy or slice of any weight parameter in its entry computation, and the cache
-    passed in is donated to the loop's output."""
-    from jaxllama.models.adapter import MODEL_FUNCTIONS, AdapterForwardConfig
+def _engine(params, cfg, slots: int):
+    """An engine description and empty state of `slots` decode slots, 4 pages each."""
+    spec = EngineSpec(config=cfg, num_slots=slots, page_size=16, num_pages=4 * slots,
+                      max_pages_per_slot=4, decode_steps=4)
+    return spec, EngineState.create(spec, jnp.float32)
 
-    cfg = model.config
-    cache = KVCache.for_params(model.params, cfg, 2, 64)
-    spec, sampling = AdapterForwardConfig().sampler()
-    args = (model.params, jnp.zeros((2,), jnp.int32), cache, jax.random.PRNGKey(0), sampling, None,
-            jnp.full((2,), 8, jnp.int32), jnp.asarray([0], jnp.int32))
-    compiled = generation.generate_loop.lower(
-        *args, model_fn=MODEL_FUNCTIONS[cfg.model_type].forward, config=cfg, spec=spec,
-        attention_impl="xla", out_len=64).compile()
-    hlo = compiled.as_text()
+
+def test_engine_decode_keeps_weights_in_place(model):
+    """The engine's decode (what the adapter's generate and the server run) takes the
+    weights as loop-invariant operands of its N-step loop: no copy or slice of any
+    weight parameter in its entry computation, and the page pools passed in (the
+    donated state) are aliased to its output."""
+    spec, state = _engine(model.params, model.config, 2)
+    hlo = steps.decode.lower(model.params, state, spec).compile().as_text()
     entry = _entry(hlo)
-    assert any(" while(" in line for line in entry), "the loop is not an XLA while loop"
+    assert any(" while(" in line for line in entry), "the steps are not an XLA while loop"
     weights = _weight_param_names(model.params, entry, 0)
     assert len(weights) == 7 * LAYERS + 1
     assert _weight_ops(entry, weights) == []
     assert _weight_sized_buffers(hlo, model.params) == []
     n_params = len(jax.tree_util.tree_leaves(model.params))
-    cache_params = set(range(n_params + 1, n_params + 1 + 2 * LAYERS))
-    assert cache_params <= _aliased_params(hlo), "a K/V cache input is not aliased to an output"
+    # decode(params, state): the state's leaves follow the params, its pools (k..., v...) first.
+    pools = set(range(n_params, n_params + 2 * LAYERS))
+    assert pools <= _aliased_params(hlo), "a page pool input is not aliased to an output"
 
 
 # ----------------------------------------------------------------- quantized weights
@@ -196,18 +197,10 @@ def test_decode_step_keeps_quantized_weights_quantized(quantized, model, batch):
     assert _dense_weight_buffers(hlo, weights) == []
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_generate_loop_keeps_quantized_weights_quantized(quantized, model, batch):
-    from jaxllama.models.adapter import MODEL_FUNCTIONS, AdapterForwardConfig
-
-    cfg = model.config
-    cache = KVCache.for_params(quantized, cfg, batch, 64)
-    spec, sampling = AdapterForwardConfig().sampler()
-    args = (quantized, jnp.zeros((batch,), jnp.int32), cache, jax.random.PRNGKey(0), sampling, None,
-            jnp.full((batch,), 8, jnp.int32), jnp.asarray([0], jnp.int32))
-    hlo = generation.generate_loop.lower(
-        *args, model_fn=MODEL_FUNCTIONS[cfg.model_type].forward, config=cfg, spec=spec,
-        attention_impl="xla", out_len=64).compile().as_text()
+@pytest.mark.parametrize("slots", [1, 3])
+def test_engine_decode_keeps_quantized_weights_quantized(quantized, model, slots):
+    spec, state = _engine(quantized, model.config, slots)
+    hlo = steps.decode.lower(quantized, state, spec).compile().as_text()
     assert any(" while(" in line for line in _entry(hlo))
     assert _dense_weight_buffers(hlo, _quantized_leaves(quantized)) == []
 

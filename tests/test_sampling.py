@@ -391,3 +391,44 @@ def test_spec_for_turns_off_neutral_values():
     assert spec_for(0.0, 0, 1.0, 0.0, 1.0) == SamplerSpec(greedy=True)
     assert spec_for(0.7, 5, 0.9, 0.1, 1.1) == SamplerSpec(
         greedy=False, top_k=True, top_p=True, min_p=True, repetition_penalty=True)
+
+
+def test_engine_row_sampler_equals_the_sampler_checked_above():
+    """`jaxllama.engine.steps.sample_rows`, the per-row sampler every decode runs (the
+    adapter's and the server's), draws exactly the tokens of `sample` (checked against
+    transformers' processors and by distribution above) for each row's own settings:
+    same key fold, same filters, penalty and greedy rule, whatever its batchmates use."""
+    from jaxllama.engine.steps import sample_rows
+
+    rng = np.random.default_rng(11)
+    b, v = 6, 48
+    run = jax.jit(sample, static_argnames="spec")
+    checked = 0
+    for trial in range(12):
+        logits = rng.normal(0, 2.0, (b, v)).astype(np.float32)
+        seen = rng.random((b, v)) < 0.2
+        settings = [dict(temperature=float(rng.choice([0.0, 0.6, 1.0, 1.5])),
+                         top_k=int(rng.choice([0, 4, 20])), top_p=float(rng.choice([1.0, 0.8])),
+                         min_p=float(rng.choice([0.0, 0.1])),
+                         repetition_penalty=float(rng.choice([1.0, 1.3])))
+                    for _ in range(b)]
+        if trial % 3 == 0:  # a batch where no row sorts (the branch without top-k/top-p)
+            for s in settings:
+                s.update(top_k=0, top_p=1.0)
+        seeds = rng.integers(0, 2**31, b)
+        step_ids = rng.integers(0, 50, b).astype(np.int32)
+        keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
+        column = lambda name, dtype: jnp.asarray([s[name] for s in settings], dtype)  # noqa: E731
+        got = np.asarray(sample_rows(
+            jnp.asarray(logits), keys, jnp.asarray(step_ids), column("temperature", jnp.float32),
+            column("top_k", jnp.int32), column("top_p", jnp.float32),
+            column("min_p", jnp.float32), column("repetition_penalty", jnp.float32),
+            jnp.asarray(seen)))
+        for i, s in enumerate(settings):
+            spec, params = _sampler(**s)
+            key = jax.random.fold_in(keys[i], int(step_ids[i]))
+            want = run(jnp.asarray(logits[i:i + 1]), key, params, spec,
+                       jnp.asarray(seen[i:i + 1]) if spec.repetition_penalty else None)
+            assert int(got[i]) == int(want[0]), (trial, i, s)
+            checked += 1
+    assert checked == 12 * b

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import jax_adapter
 from hf_to_gguf import tiny_hf_model, write_gguf
-from jaxllama import generation
+from jaxllama.engine import steps
 from jaxllama.errors import InvalidRequestError
 from jaxllama.gguf import dequant
 from jaxllama.models import AdapterForwardConfig, LlamaInferenceAdapter, load_gguf
@@ -88,8 +88,9 @@ def test_tiny_models_match_single_device(tiny, mesh_shape):
 
 
 def test_decode_keeps_the_cache_layout_and_compiles_once(tiny):
-    """Step by step from the host: the cache comes back on the plan's layout, so every
-    decode after the first reuses one compilation, and tokens equal the single device's."""
+    """Step by step from the host: the page pools come back on the plan's layout (split
+    by KV heads over the model axis), so every decode after the first reuses one
+    compilation, and tokens equal the single device's."""
     arch, path, single = tiny
     mesh = make_mesh(model=4, data=2)
     sharded = LlamaInferenceAdapter.from_gguf(str(path), dtype=jnp.float32, progress=False, mesh=mesh)
@@ -98,15 +99,15 @@ def test_decode_keeps_the_cache_layout_and_compiles_once(tiny):
     out_s, state_s = sharded.prefill(rows, config)
     out_1, state_1 = single.prefill(rows, config)
     assert out_s == out_1
-    assert _laid_out(state_s.cache.k[0], "data", "model")
+    assert _laid_out(state_s.engine.cache.k[0], "model")
     tok_s, tok_1 = [r[-1] for r in out_s], [r[-1] for r in out_1]
     sizes = []
     for _ in range(6):
         tok_s, state_s = sharded.decode([[t] for t in tok_s], state_s, config.for_decode(state_s))
         tok_1, state_1 = single.decode([[t] for t in tok_1], state_1, config.for_decode(state_1))
         assert tok_s == tok_1
-        assert _laid_out(state_s.cache.k[0], "data", "model")
-        sizes.append(generation.decode_sample._cache_size())
+        assert _laid_out(state_s.engine.cache.k[0], "model")
+        sizes.append(steps.decode._cache_size())
     assert sizes[-1] == sizes[1], "decode recompiled after its first sharded step"
 
 

@@ -353,7 +353,7 @@ class Engine:
                           num_pages=num_pages, max_pages_per_slot=max_pages,
                           prefill_buckets=tuple(buckets), attention_impl=attention,
                           decode_steps=decode_steps, max_stop_ids=max(4, len(eos) + 4),
-                          top_logprobs=top_logprobs)
+                          top_logprobs=top_logprobs, matmul_impl=adapter.policy.matmul)
         return cls(adapter.model.params, spec, eos_ids=eos, prefix_caching=prefix_caching,
                    max_waiting=max_waiting, prefill_budget=prefill_budget,
                    plan=adapter.model.plan)

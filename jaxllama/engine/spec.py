@@ -69,6 +69,8 @@ class EngineSpec:
       top_logprobs: K, the most top log-probabilities a request can ask for; `insert`
         and `decode` return the K best tokens' log-probabilities of every step (0: none,
         only the sampled token's log-probability).
+      matmul_impl: the quantized matmul (`jaxllama.backend.MATMUL_IMPLS`); None: the
+        backend policy's default for attention_impl. An adapter passes its own policy's.
     """
 
     config: ModelConfig
@@ -81,6 +83,7 @@ class EngineSpec:
     decode_steps: int = 8
     max_stop_ids: int = 4
     top_logprobs: int = 0
+    matmul_impl: str | None = None
 
     def __post_init__(self):
         def bad(field, value, expected):
@@ -105,6 +108,8 @@ class EngineSpec:
             # The one backend policy: a compiled Pallas kernel needs a GPU. Refused here,
             # not at the first prefill_chunk (whose error would not say what can run).
             backend.check("attention", self.attention_impl, what="EngineSpec.attention_impl")
+            if self.matmul_impl is not None:
+                backend.check("matmul", self.matmul_impl, what="EngineSpec.matmul_impl")
         except InvalidRequestError as exc:
             raise EngineSpecError(str(exc)) from None
         config = self.config
@@ -122,6 +127,11 @@ class EngineSpec:
                 f"({config.sliding_window}); use attention_impl 'xla', or a max_context "
                 f"within the window",
             )
+
+    @property
+    def policy(self) -> backend.BackendPolicy:
+        """The implementations the steps run (the one backend policy's choice)."""
+        return backend.choose(self.attention_impl, self.matmul_impl)
 
     def prefix_root(self, prompt_len: int) -> bytes | None:
         """The prefix-cache chain root of a prompt of `prompt_len` tokens

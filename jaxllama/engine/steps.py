@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxllama import backend
 from jaxllama.engine.paged_cache import NO_PAGE, PagedKVCache
 from jaxllama.engine.spec import EngineSpec, EngineState, SlotRequest
 from jaxllama.errors import EngineSpecError
@@ -77,7 +76,7 @@ def paged_forward(params: Params, tokens: Array, cache: PagedKVCache, block_tabl
     """
     config = spec.config
     t = tokens.shape[1]
-    mm = backend.as_policy(spec.attention_impl).matmul  # the one backend policy
+    mm = spec.policy.matmul  # the one backend policy
     start = start.astype(jnp.int32)
     num_new = num_new.astype(jnp.int32)
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -324,7 +323,7 @@ def _decode_dense(params: Params, state: EngineState, table: Array, spec: Engine
     where the keys and values are read from differs.
     """
     config = spec.config
-    policy = backend.as_policy(spec.attention_impl)
+    policy = spec.policy
     start = state.lengths
     dense = KVCache(k=tuple(gather_pages(k, table) for k in state.cache.k),
                     v=tuple(gather_pages(v, table) for v in state.cache.v),

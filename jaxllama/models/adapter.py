@@ -3,19 +3,25 @@
 The adapter is a frozen dataclass holding a loaded model; it picks the model's functions
 from `MODEL_FUNCTIONS`, a table keyed by `ModelType`, so calling code never asks which
 family it drives. Being immutable, decoding state is explicit: `prefill` returns the
-prompt plus the first sampled token and a `DecodeState` (KV cache, step, PRNG key) that
-`decode` takes and returns. One adapter may be shared between threads: every call works
-on its own cache.
+prompt plus the first sampled token and a `DecodeState` (an engine state: the paged KV
+cache, each row's sampling settings, seed and step) that `decode` takes and returns. One
+adapter may be shared between threads: every call works on its own state.
+
+`prefill`, `decode`, `generate` and `stream` run the serving engine's jitted steps
+(`jaxllama.engine.steps`: prefill_chunk, insert, decode) over an engine state of their
+own, one decode slot per row: the adapter and `jaxllama.engine.Engine` share one decode
+implementation, so a request's tokens are the same through either. Scoring runs the
+model's forward over whole sequences (`jaxllama.generation`).
 
 Which attention and quantized matmul run is decided once, when the adapter is made, by
 `jaxllama.backend.choose` (the adapter's `policy`); a request that cannot run here is an
 InvalidRequestError then, not at the first call. Public methods return or raise a
 `jaxllama.errors.JaxLlamaError`.
 
-Shapes are bucketed so that varied requests reuse compilations: prompts are padded to a
-power of two (at least 16) and caches to a power of two (at least 256, capped at the
-context length); `generate`'s on-device output buffer is as long as its cache, so one
-compilation serves every max_tokens that fits.
+Shapes are bucketed so that varied requests reuse compilations: prompt chunks are padded
+to a power of two (16 to 256 tokens; longer prompts run in 256-token chunks), rows to a
+power of two of slots, and caches to a power of two of tokens (at least 256, capped at
+the context length), held in 16-token pages.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from flax import struct
 
 from jaxllama import backend, generation, hub
 from jaxllama.backend import BackendPolicy
+from jaxllama.engine import steps
+from jaxllama.engine.spec import EngineSpec, EngineState, SlotRequest
 from jaxllama.errors import (
     AdapterError,
     JaxLlamaError,
@@ -73,6 +81,13 @@ PACK_TOKENS_PER_CALL = 2048
 # what compiling the unrolled program costs) the adapter switches to the unrolled one:
 # a long evaluation then runs at the unrolled speed, a short one never compiles it.
 SCAN_ROW_TOKENS = 16384
+# Decoding through the engine's steps: tokens per page, the prompt chunk lengths (the
+# last is the chunk a long prompt is run in), and `generate`'s decode steps per dispatch.
+PAGE_SIZE = 16
+PREFILL_BUCKETS = (16, 32, 64, 128, 256)
+DECODE_STEPS = 8
+# max_tokens of a slot `prefill` starts: no limit (the caller stops decoding).
+NO_LIMIT = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,22 +175,23 @@ class AdapterForwardConfig:
 
 @struct.dataclass
 class DecodeState:
-    """What `decode` needs to continue: the KV cache, the step count and the PRNG key."""
+    """What `decode` needs to continue: the engine state the prompt was run into (one
+    decode slot per row, its pages, its sampling settings, seed and step count) and the
+    engine description it was made for (static)."""
 
-    cache: KVCache
-    key: jax.Array
-    step: jax.Array  # () int32: tokens sampled so far (prefill's counts as step 0)
-    seen: jax.Array | None  # (B, V) bool, only with a repetition penalty
+    engine: EngineState
+    spec: EngineSpec = struct.field(pytree_node=False)
+    rows: int = struct.field(pytree_node=False)  # the caller's rows: slots [0, rows)
     owner: int = struct.field(pytree_node=False)
 
     @property
     def cache_len(self) -> int:
         """Tokens in the cache (the longest row's, for a batch)."""
         self.check_live()
-        return int(np.max(_host(self.cache.lengths)))
+        return int(np.max(_host(self.engine.lengths)[: self.rows]))
 
     def check_live(self) -> None:
-        if self.cache.lengths.is_deleted():
+        if self.engine.lengths.is_deleted():
             raise InvalidRequestError(
                 "this DecodeState was consumed by an earlier decode (its cache was donated); "
                 "pass the state that decode returned"
@@ -183,7 +199,7 @@ class DecodeState:
 
     @property
     def batch_size(self) -> int:
-        return self.cache.batch_size
+        return self.rows
 
 
 def _as_text(text) -> str:
@@ -206,6 +222,12 @@ def _text_batch(prompt) -> tuple[list, bool]:
     if isinstance(prompt, (list, tuple)) and prompt:
         return list(prompt), True
     raise InvalidRequestError("expected a prompt string, a conversation, or a non-empty list of them")
+
+
+def _page_layout(spec: EngineSpec) -> np.ndarray:
+    """The block table of a per-call engine state: slot b's page m is m * slots + b."""
+    m = np.arange(spec.max_pages_per_slot, dtype=np.int32)[None, :]
+    return m * spec.num_slots + np.arange(spec.num_slots, dtype=np.int32)[:, None]
 
 
 def _bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
@@ -512,26 +534,69 @@ class LlamaInferenceAdapter:
                 raise ModelNotLoaded("this adapter's model was unloaded") from exc
             raise ForwardPassFailed(f"{type(exc).__name__}: {exc}") from exc
 
-    # ----- the design's prefill / decode / generate
-    def _prefill(self, rows, config: AdapterForwardConfig, cache_size: int):
+    # ----- the design's prefill / decode / generate, through the engine's steps
+    #
+    # One decode implementation: every call below runs `jaxllama.engine.steps` (the
+    # serving engine's prefill_chunk / insert / decode) over an engine state of its own,
+    # one decode slot per row. Slot b's logical page m is pool page m * slots + b, so the
+    # pool grows by appending pages (`_grow`) and a row never waits for one.
+
+    def _spec(self, rows: int, tokens: int, decode_steps: int) -> EngineSpec:
+        """The engine description for `rows` rows of up to `tokens` tokens each: slots
+        and pages bucketed (powers of two) so that varied calls share compilations."""
+        cfg = self._loaded().config
+        slots = _bucket(rows, 1)
+        pages = -(-self._cache_size(tokens) // PAGE_SIZE)
+        buckets = tuple(b for b in PREFILL_BUCKETS if b <= max(pages * PAGE_SIZE, PREFILL_BUCKETS[0]))
+        return EngineSpec(config=cfg, num_slots=slots, page_size=PAGE_SIZE,
+                          num_pages=slots * pages, max_pages_per_slot=pages,
+                          prefill_buckets=buckets, attention_impl=self.policy.attention,
+                          decode_steps=decode_steps,
+                          max_stop_ids=max(4, len(self.eos_ids())),
+                          matmul_impl=self.policy.matmul)
+
+    def _new_state(self, spec: EngineSpec) -> EngineState:
         model = self._loaded()
-        b = len(rows)
-        lengths = [len(r) for r in rows]
-        t = min(_bucket(max(lengths)), cache_size)
-        tokens = np.zeros((b, t), np.int32)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = r
-        spec, sampling = config.sampler()
-        cache = self._new_cache(b, cache_size)
-        seen = (self._put(np.zeros((b, model.config.vocab_size), bool))
-                if spec.repetition_penalty else None)
-        key = jax.random.PRNGKey(config.seed)
-        token, logits, cache, seen = self._run(
-            generation.prefill_sample, model.params, self._put(tokens), cache,
-            self._put(np.asarray(lengths, np.int32)), key, sampling, seen, model_fn=self._fn(),
-            config=model.config, spec=spec, attention_impl=self._impl(), attend_len=t,
-        )
-        return token, cache, key, seen
+        state = EngineState.create(spec, model.params.dtype, model.plan)
+        return state.replace(block_table=self._put_whole(_page_layout(spec)))
+
+    def _put_whole(self, x) -> jax.Array:
+        """A host array replicated over the mesh, when there is one."""
+        plan = self._loaded().plan
+        return jnp.asarray(x) if plan is None else jax.device_put(x, plan.replicated())
+
+    def _start(self, rows, config: AdapterForwardConfig, spec: EngineSpec, *,
+               max_tokens: int, stop_ids) -> tuple[list[int], EngineState]:
+        """Run each row's prompt into its slot (in chunks) and sample its first token."""
+        model = self._loaded()
+        state = self._new_state(spec)
+        # Only `decode` reads decode_steps: one prefill program serves every caller.
+        spec = dataclasses.replace(spec, decode_steps=DECODE_STEPS)
+        first = []
+        for b, row in enumerate(rows):
+            n, start = len(row), 0
+            while start < n:
+                k = spec.chunk_len(start, n)
+                length, window = spec.prefill_shape(start, k)
+                chunk = np.zeros((length,), np.int32)
+                chunk[:k] = row[start:start + k]
+                state, logits = self._run(
+                    steps.prefill_chunk, model.params, state, np.int32(b), chunk,
+                    np.int32(start), np.int32(k), spec, window, rope_end=np.int32(n - 1))
+                start += k
+            request = SlotRequest.create(
+                spec, max_tokens=max_tokens, stop_ids=stop_ids, temperature=config.temperature,
+                top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
+                repetition_penalty=config.repetition_penalty, seed=config.seed, prompt_ids=row)
+            state, token, _ = self._run(steps.insert, state, np.int32(b), logits, request, spec)
+            first.append(token)
+        return [int(t) for t in _host(jnp.stack(first))], state
+
+    def _decode_window(self, spec: EngineSpec, longest: int) -> int:
+        """The narrowest window holding every position the next dispatch can write, for
+        rows of at most `longest` tokens in the cache."""
+        positions = min(longest + spec.decode_steps, spec.max_tokens_per_slot)
+        return spec.window(-(-positions // spec.page_size))
 
     def prefill(self, input_ids, config: AdapterForwardConfig | None = None):
         """Run the prompt; return (prompt + first sampled token, DecodeState).
@@ -543,17 +608,19 @@ class LlamaInferenceAdapter:
         config = self._check_config(config, rows, prefill=True)
         longest = max(len(r) for r in rows)
         self._check_room(longest, 1)
-        first, state = self._start(rows, config, self._cache_size(longest + 1))
+        spec = self._spec(len(rows), longest + 1, decode_steps=1)
+        # No stop ids and no limit: the caller decides when to stop.
+        first, engine = self._start(rows, config, spec, max_tokens=NO_LIMIT, stop_ids=())
+        state = DecodeState(engine=engine, spec=spec, rows=len(rows), owner=self.uid)
         out = [r + [first[i]] for i, r in enumerate(rows)]
         return (out if batched else out[0]), state
 
-    def _start(self, rows, config, cache_size) -> tuple[list[int], DecodeState]:
-        token, cache, key, seen = self._prefill(rows, config, cache_size)
-        state = DecodeState(cache=cache, key=key, step=jnp.int32(1), seen=seen, owner=self.uid)
-        return _host(token).tolist(), state
-
     def decode(self, input_id, state: DecodeState, config: AdapterForwardConfig | None = None):
-        """Feed one token per row; return (next token(s), new state). The old state is consumed."""
+        """Feed one token per row; return (next token(s), new state). The old state is consumed.
+
+        The token fed need not be the one sampled (it is what the cache records); the
+        sampling settings are this call's config's, the seed and step count the state's.
+        """
         rows, batched = self._as_batch(input_id, "input_id")
         if any(len(r) != 1 for r in rows):
             raise InvalidRequestError("decode takes exactly one token per row")
@@ -570,74 +637,105 @@ class LlamaInferenceAdapter:
             raise InvalidRequestError(
                 f"input_id has {len(rows)} row(s) but the state holds {state.batch_size}"
             )
-        if state.cache_len + 1 > self.config.context_length:
+        cache_len = state.cache_len
+        if cache_len + 1 > self.config.context_length:
             raise InvalidRequestError(
-                f"the cache holds {state.cache_len} tokens; one more exceeds the model's context "
+                f"the cache holds {cache_len} tokens; one more exceeds the model's context "
                 f"length {self.config.context_length}"
             )
-        state = self._grow_if_full(state)
-        model = self._loaded()
-        spec, sampling = config.sampler()
-        seen = state.seen
-        if spec.repetition_penalty and seen is None:
-            raise InvalidRequestError(
-                "repetition_penalty must be set already at prefill (the state holds no token history)"
-            )
-        if not spec.repetition_penalty:
-            seen = None
-        token = self._put(np.asarray([r[0] for r in rows], np.int32))
-        active = self._put(np.ones((len(rows),), bool))
-        nxt, _, cache, seen = self._run(
-            generation.decode_sample, model.params, token, state.cache, active, state.key, state.step,
-            sampling, seen, model_fn=self._fn(), config=model.config, spec=spec,
-            attention_impl=self._impl(),
-        )
-        new_state = state.replace(cache=cache, step=state.step + 1, seen=seen if seen is not None else state.seen)
-        out = _host(nxt).tolist()
-        return (out if batched else out[0]), new_state
+        if cache_len >= state.spec.max_tokens_per_slot:
+            state = self._grow(state)
+        spec, engine, n = state.spec, state.engine, state.rows
 
-    def _grow_if_full(self, state: DecodeState) -> DecodeState:
-        size = state.cache.max_len
-        if state.cache_len < size:
-            return state
-        return state.replace(cache=state.cache.grow(min(size * 2, self.config.context_length)))
+        def per_row(field, value, dtype):
+            return getattr(engine, field).at[:n].set(jnp.asarray(value, dtype))
+
+        engine = engine.replace(
+            last_token=per_row("last_token", [r[0] for r in rows], jnp.int32),
+            temperature=per_row("temperature", config.temperature, jnp.float32),
+            top_k=per_row("top_k", config.top_k, jnp.int32),
+            top_p=per_row("top_p", config.top_p, jnp.float32),
+            min_p=per_row("min_p", config.min_p, jnp.float32),
+            repetition_penalty=per_row("repetition_penalty", config.repetition_penalty,
+                                       jnp.float32),
+        )
+        engine, tokens, valid, _ = self._run(steps.decode, self._loaded().params, engine, spec,
+                                             self._decode_window(spec, cache_len))
+        tokens, valid = _host(tokens)[0, :n], _host(valid)[0, :n]
+        if not valid.all():  # every row has a page and no stop: cannot happen
+            raise ForwardPassFailed(f"decode advanced {int(valid.sum())} of {n} rows")
+        out = tokens.tolist()
+        return (out if batched else out[0]), state.replace(engine=engine)
+
+    def _grow(self, state: DecodeState) -> DecodeState:
+        """The state with twice the pages per slot (at most the context length): the
+        pool's pages are appended, so every page written keeps its index."""
+        old = state.spec
+        spec = self._spec(old.num_slots, min(2 * old.max_tokens_per_slot, self.config.context_length),
+                          old.decode_steps)
+        fresh = self._new_state(spec)
+        engine = state.engine
+        cache = fresh.cache.replace(
+            k=tuple(new.at[:, : old.num_pages].set(k) for new, k in zip(fresh.cache.k, engine.cache.k)),
+            v=tuple(new.at[:, : old.num_pages].set(v) for new, v in zip(fresh.cache.v, engine.cache.v)))
+        return state.replace(spec=spec, engine=engine.replace(cache=cache,
+                                                              block_table=fresh.block_table))
 
     def generate(self, input_ids, max_tokens: int, config: AdapterForwardConfig | None = None):
         """Prompt + up to `max_tokens` generated ids, stopping after the model's EOS.
 
-        The decode loop runs on the device. A batch (list of lists) gives a list of rows,
-        each with its own length and stop.
+        A batch (list of lists) gives a list of rows, each with its own length and stop.
+        The decode runs `DECODE_STEPS` steps per dispatch on the device.
         """
         rows, batched = self._as_batch(input_ids, "input_ids")
         self._check_max_tokens(max_tokens)
         config = self._check_config(config, rows, prefill=True)
-        generated = self._generate_rows(rows, max_tokens, config)
-        out = [r + g for r, g in zip(rows, generated)]
+        out = [r + g for r, g in zip(rows, self._generate_rows(rows, max_tokens, config))]
         return out if batched else out[0]
 
     def _generate_rows(self, rows, max_tokens, config) -> list[list[int]]:
+        """Every row's generated ids (`_steps`, collected)."""
+        generated = [[] for _ in rows]
+        for b, token in self._steps(rows, max_tokens, config, DECODE_STEPS):
+            generated[b].append(token)
+        return generated
+
+    def _steps(self, rows, max_tokens: int, config, decode_steps: int) -> Iterator[tuple[int, int]]:
+        """(row, token) for every token generated, in order, until each row has
+        max_tokens or has emitted an EOS (which it keeps)."""
         longest = max(len(r) for r in rows)
         self._check_room(longest, max_tokens)
-        model = self._loaded()
-        cache_size = self._cache_size(longest + max_tokens)
-        token, cache, key, seen = self._prefill(rows, config, cache_size)
-        spec, sampling = config.sampler()
-        eos = jnp.asarray(self.eos_ids() or (-1,), jnp.int32)
-        out, counts, _ = self._run(
-            generation.generate_loop, model.params, token, cache, key, sampling, seen,
-            self._put(np.full((len(rows),), max_tokens, np.int32)), eos, model_fn=self._fn(),
-            config=model.config, spec=spec, attention_impl=self._impl(),
-            out_len=cache_size,
-        )
-        out, counts = _host(out), _host(counts)
-        return [out[i, : counts[i]].tolist() for i in range(len(rows))]
+        spec = self._spec(len(rows), longest + max_tokens, decode_steps)
+        first, engine = self._start(rows, config, spec, max_tokens=max_tokens,
+                                    stop_ids=self.eos_ids())
+        eos = set(self.eos_ids())
+        counts = [1] * len(rows)
+        for b, token in enumerate(first):
+            yield b, token
+        running = {b for b, t in enumerate(first) if t not in eos and max_tokens > 1}
+        params = self._loaded().params
+        while running:
+            cache_len = max(len(rows[b]) + counts[b] - 1 for b in running)
+            engine, tokens, valid, _ = self._run(steps.decode, params, engine, spec,
+                                                 self._decode_window(spec, cache_len))
+            tokens, valid = _host(tokens), _host(valid)
+            if not valid.any():  # every running row has its pages: cannot happen
+                raise ForwardPassFailed("a decode dispatch advanced no row")
+            for step in range(tokens.shape[0]):
+                for b in sorted(running):
+                    if valid[step, b]:
+                        token = int(tokens[step, b])
+                        counts[b] += 1
+                        yield b, token
+                        if token in eos or counts[b] >= max_tokens:
+                            running.discard(b)
 
     # ----- streaming
     def stream(self, input_ids, max_tokens: int, config: AdapterForwardConfig | None = None) -> Iterator[int]:
         """Yield each generated token of one prompt as it is produced.
 
-        The same jitted steps and randomness as `generate`, stepped from the host: the
-        tokens equal `generate`'s for the same config and seed.
+        The same engine steps and randomness as `generate`, one decode step per
+        dispatch: the tokens equal `generate`'s for the same config and seed.
         """
         rows, _ = self._as_batch(input_ids, "input_ids")
         if len(rows) != 1:
@@ -645,19 +743,7 @@ class LlamaInferenceAdapter:
         self._check_max_tokens(max_tokens)
         config = self._check_config(config, rows, prefill=True)
         self._check_room(len(rows[0]), max_tokens)
-        eos = set(self.eos_ids())
-        cache_size = self._cache_size(len(rows[0]) + max_tokens)
-        return self._stream(rows, config, cache_size, max_tokens, eos)
-
-    def _stream(self, rows, config, cache_size, max_tokens, eos) -> Iterator[int]:
-        first, state = self._start(rows, config, cache_size)
-        token, count = first[0], 1
-        yield token
-        decode_config = dataclasses.replace(config, is_prefill=False, seq_len=None, cache_len=None)
-        while count < max_tokens and token not in eos:
-            token, state = self.decode(token, state, decode_config)
-            count += 1
-            yield token
+        return (token for _, token in self._steps(rows, max_tokens, config, decode_steps=1))
 
     # ----- text in, text out
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
