@@ -138,6 +138,26 @@ def host_loop(adapter, prompt, n, config=None) -> list[int]:
     return out
 
 
+def test_decode_grows_the_cache_past_its_first_size(qwen):
+    """prefill sizes the state for the prompt (256 tokens, 16 pages a row); decoding
+    past that grows it (the pool's pages appended) without disturbing what is cached:
+    300 host-stepped tokens of a batch of two equal transformers' greedy ones."""
+    a, n = qwen.adapter, 300
+    prompts = [PROMPT, OTHER_PROMPTS[1]]
+    config = AdapterForwardConfig(batch_size=2)
+    ids, state = a.prefill(prompts, config)
+    first_size = state.spec.max_tokens_per_slot
+    out = [list(r) for r in ids]
+    for _ in range(n - 1):
+        tokens, state = a.decode([[r[-1]] for r in out], state, config.for_decode(state))
+        for r, t in zip(out, tokens):
+            r.append(t)
+    assert first_size == 256 and state.spec.max_tokens_per_slot == 512, "the cache never grew"
+    assert state.cache_len == len(prompts[1]) + n - 1
+    for prompt, got in zip(prompts, out):
+        assert got == hf_greedy(qwen.hf, prompt, n)
+
+
 # --------------------------------------------------------------------------------------
 # model information
 # --------------------------------------------------------------------------------------
