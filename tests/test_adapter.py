@@ -138,6 +138,19 @@ def host_loop(adapter, prompt, n, config=None) -> list[int]:
     return out
 
 
+def test_batch_of_a_chunked_prompt_and_short_ones_equals_transformers(qwen):
+    """A batch prefills its rows together, a chunk of each a call: a 600-token prompt
+    (three chunks: 88, 256, 256 tokens) beside prompts of one chunk, each row's greedy
+    tokens equal transformers' for that prompt alone."""
+    a = qwen.adapter
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(3, a.vocab_size(), 600).tolist(), OTHER_PROMPTS[0], PROMPT]
+    out = a.generate(prompts, 6, AdapterForwardConfig(batch_size=3))
+    eos = set(a.eos_ids())
+    for prompt, got in zip(prompts, out):
+        assert got == cut_after_eos(hf_greedy(qwen.hf, prompt, 6), len(prompt), eos)
+
+
 def test_decode_grows_the_cache_past_its_first_size(qwen):
     """prefill sizes the state for the prompt (256 tokens, 16 pages a row); decoding
     past that grows it (the pool's pages appended) without disturbing what is cached:
@@ -338,9 +351,9 @@ def test_unsupported_operation_names_qwen(qwen, baseline):
     assert qwen.adapter.generate(PROMPT, N_NEW) == baseline
 
 
-@pytest.mark.parametrize("target,call", [("prefill_chunk", "generate"), ("insert", "generate"),
+@pytest.mark.parametrize("target,call", [("prefill_rows", "generate"), ("insert", "generate"),
                                          ("decode", "generate"), ("decode", "decode"),
-                                         ("prefill_chunk", "stream")])
+                                         ("prefill_rows", "stream")])
 def test_forward_pass_failed_wraps_runtime_errors(qwen, baseline, monkeypatch, target, call):
     """A runtime error in any engine step the adapter runs is a ForwardPassFailed, and
     the adapter still works after it."""

@@ -21,6 +21,7 @@ import pytest
 
 from hf_to_gguf import tiny_hf_model, write_gguf
 from jaxllama import backend
+from jaxllama.engine import steps as engine_steps
 from jaxllama.backend import ATTENTION_IMPLS, MATMUL_IMPLS, BackendPolicy, choose
 from jaxllama.errors import InvalidRequestError, KernelFallbackWarning
 from jaxllama.models import LlamaInferenceAdapter, load_gguf
@@ -204,11 +205,11 @@ def fresh():
 
 
 def _run_all(adapter):
-    """Every jitted step once: prefill, decode, the device loop, scoring (generate's
-    prefill shares prefill's compilation)."""
+    """Every jitted step once: prefill, decode and generate (the engine's steps: the
+    paged attention) and unpacked scoring (the model's forward: flash attention)."""
     ids, state = adapter.prefill(PROMPT)
     nxt, _ = adapter.decode(ids[-1], state)
-    return adapter.generate(PROMPT, 4), nxt, adapter.score([PROMPT])[0]
+    return adapter.generate(PROMPT, 4), nxt, adapter.score([PROMPT], packed=False)[0]
 
 
 def _assert_same(got, want):
@@ -240,7 +241,7 @@ def test_kernels_that_do_not_lower_fall_back_to_xla(monkeypatch, xla_results, fr
     _assert_same(got, want)
     _assert_same(again, want)
     messages = _fallbacks(record)
-    kernels = ["flash_attention", "decode_attention"] + (["quant_matmul"] if weights == "int8" else [])
+    kernels = ["flash_attention", "paged_attention"] + (["quant_matmul"] if weights == "int8" else [])
     for name in kernels:
         mine = [m for m in messages if f"kernel {name} " in m]
         assert len(mine) == 1, (name, messages)
@@ -261,7 +262,7 @@ def _lowering_fails(message):
 def test_simulated_lowering_failure_names_the_error(monkeypatch, xla_results, fresh, tiny_int8):
     want = xla_results["int8"]
     on(monkeypatch, "gpu")
-    for module, name in ((transformer, "flash_attention"), (transformer, "decode_attention")):
+    for module, name in ((transformer, "flash_attention"), (engine_steps, "paged_attention")):
         monkeypatch.setattr(module, name, _lowering_fails(f"Mosaic GPU rejected {name} (simulated)"))
     monkeypatch.setattr(quant_matmul_module._kernel, "quant_matmul",
                         _lowering_fails("ptxas: out of registers in quant_matmul (simulated)"))
@@ -273,7 +274,7 @@ def test_simulated_lowering_failure_names_the_error(monkeypatch, xla_results, fr
     messages = _fallbacks(record)
     assert len(messages) == 3, messages
     for name, error in (("flash_attention", "Mosaic GPU rejected flash_attention (simulated)"),
-                        ("decode_attention", "Mosaic GPU rejected decode_attention (simulated)"),
+                        ("paged_attention", "Mosaic GPU rejected paged_attention (simulated)"),
                         ("quant_matmul", "ptxas: out of registers in quant_matmul (simulated)")):
         (mine,) = [m for m in messages if f"kernel {name} " in m]
         assert f"NotImplementedError: {error}" in mine, mine
@@ -304,8 +305,8 @@ def test_interpreted_kernels_are_not_probed(monkeypatch, fresh, tiny):
 def test_a_kernel_that_compiles_is_used(monkeypatch, xla_results, fresh, tiny):
     """The probe runs inside the model's trace; a kernel that lowers and compiles there is
     placed in the step (here the interpreted kernels stand in for GPU ones that compile)."""
-    from jaxllama.pallas.decode_attention import decode_attention
     from jaxllama.pallas.flash_attention import flash_attention
+    from jaxllama.pallas.paged_attention import paged_attention
 
     placed = []
 
@@ -318,14 +319,14 @@ def test_a_kernel_that_compiles_is_used(monkeypatch, xla_results, fresh, tiny):
 
     on(monkeypatch, "gpu")
     monkeypatch.setattr(transformer, "flash_attention", compiling(flash_attention, "flash"))
-    monkeypatch.setattr(transformer, "decode_attention", compiling(decode_attention, "decode"))
+    monkeypatch.setattr(engine_steps, "paged_attention", compiling(paged_attention, "paged"))
     adapter = LlamaInferenceAdapter.from_model(tiny, matmul_impl="xla")
     assert adapter.policy.attention == "pallas"
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         got = _run_all(adapter)
     assert _fallbacks(record) == []
-    assert {"flash", "decode"} <= set(placed)
+    assert {"flash", "paged"} <= set(placed)
     want = xla_results["dense"]
     assert got[:2] == want[:2]
     np.testing.assert_allclose(got[2], want[2], rtol=1e-4, atol=1e-4)

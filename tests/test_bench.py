@@ -177,7 +177,7 @@ def test_second_process_reads_the_compilation_cache(bench_run):
     # The model's two big programs come from the disk, not the compiler. (Small eager ops
     # that this pytest process had compiled before the first run may still miss.)
     hit_line = re.search(r"; hits: (.*)", proc.stdout).group(1)
-    assert "prefill_chunk" in hit_line and re.search(r"jit[_(]decode\b", hit_line), hit_line
+    assert "prefill_rows" in hit_line and re.search(r"jit[_(]decode\b", hit_line), hit_line
 
 
 def test_global_option_and_env_var_enable_the_cache(tmp_path, monkeypatch, capsys):

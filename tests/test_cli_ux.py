@@ -507,7 +507,7 @@ def test_second_run_compiles_nothing_new(cold_and_warm):
 @pytest.mark.slow
 def test_corrupt_cache_entry_is_ignored_with_a_warning(cold_and_warm):
     cache, first, _ = cold_and_warm
-    entry = max(cache.glob("jit_prefill_chunk*"), key=lambda p: p.stat().st_size)
+    entry = max(cache.glob("jit_prefill_rows*"), key=lambda p: p.stat().st_size)
     entry.write_bytes(b"\x00garbage" * 100)
     first_s, out, err, code = _timed_run(README_ARGS + ["-n", "16", "--json"], cache)
     assert code == 0, err[-2000:]

@@ -521,3 +521,58 @@ def test_engine_errors_live_in_jaxllama_errors():
     assert pages.PageAllocatorError is errors.PageAllocatorError
     for cls in (errors.EngineSpecError, errors.PagePoolExhausted, errors.PageAllocatorError):
         assert issubclass(cls, errors.JaxLlamaError)
+
+
+def test_prefill_rows_equals_prefill_chunk_slot_by_slot(adapter):
+    """One prefill_rows call over every slot (one slot at a prompt's start, one at its
+    second chunk, one idle) writes the pages and gives the logits that prefill_chunk
+    gives slot by slot; the idle slot keeps its length. A (B, T) that is not
+    (num_slots, a bucket) is refused."""
+    spec = _spec(adapter, num_slots=3, page_size=4, num_pages=40, max_pages_per_slot=10,
+                 prefill_buckets=(4, 8))
+    params = adapter.model.params
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, spec.config.vocab_size, n).tolist() for n in (7, 14)]
+    tables = np.full((3, spec.max_pages_per_slot), -1, np.int32)
+    tables[0, :4] = [17, 3, 30, 8]
+    tables[1, :4] = [5, 39, 22, 11]
+    i32 = np.int32
+
+    def fresh():
+        state = EngineState.create(spec, params.dtype)
+        for slot in range(3):
+            state = steps.set_pages(state, i32(slot), tables[slot])
+        # Slot 1 already holds its first 6 prompt tokens (a first chunk).
+        chunk = np.zeros((8,), np.int32)
+        chunk[:6] = prompts[1][:6]
+        state, _ = steps.prefill_chunk(params, state, i32(1), chunk, i32(0), i32(6), spec)
+        return state
+
+    one = fresh()
+    want = []
+    for slot, (start, n, row) in enumerate([(0, 7, prompts[0]), (6, 8, prompts[1])]):
+        chunk = np.zeros((8,), np.int32)
+        chunk[:n] = row[start:start + n]
+        one, logits = steps.prefill_chunk(params, one, i32(slot), chunk, i32(start), i32(n),
+                                          spec, rope_end=i32(len(row) - 1))
+        want.append(np.asarray(logits))
+    rows = fresh()
+    tokens = np.zeros((3, 8), np.int32)
+    tokens[0, :7], tokens[1, :8] = prompts[0], prompts[1][6:14]
+    rows, logits = steps.prefill_rows(params, rows, tokens, np.asarray([0, 6, 0], np.int32),
+                                      np.asarray([7, 8, 0], np.int32), spec,
+                                      rope_end=np.asarray([6, 13, 0], np.int32))
+    logits = np.asarray(logits)
+    for slot in range(2):
+        np.testing.assert_allclose(logits[slot], want[slot], rtol=2e-5, atol=2e-5)
+    assert np.asarray(rows.lengths).tolist() == [7, 14, 0] == np.asarray(one.lengths).tolist()
+    pages = tables[:2, :4].reshape(-1)
+    for got, ref in zip(rows.cache.k + rows.cache.v, one.cache.k + one.cache.v):
+        np.testing.assert_allclose(np.asarray(got)[:, pages], np.asarray(ref)[:, pages],
+                                   rtol=2e-5, atol=2e-5)
+    with pytest.raises(EngineSpecError, match="num_slots"):
+        steps.prefill_rows(params, rows, tokens[:2], np.zeros(2, np.int32),
+                           np.zeros(2, np.int32), spec)
+    with pytest.raises(EngineSpecError, match="prefill_buckets"):
+        steps.prefill_rows(params, rows, np.zeros((3, 5), np.int32), np.zeros(3, np.int32),
+                           np.zeros(3, np.int32), spec)

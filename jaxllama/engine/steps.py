@@ -5,6 +5,8 @@ paged KV cache they share.
 * `prefill_chunk(params, state, slot, tokens, start, num_valid, spec)`: run a chunk of
   one request's prompt, writing its keys and values into the slot's pages; returns the
   logits at the chunk's last real token.
+* `prefill_rows(params, state, tokens, start, num_valid, spec)`: a chunk for every slot
+  at once (each its own prompt and position), as one call.
 * `insert(state, slot, logits, request, spec)`: sample the first token from the
   prompt's last logits and start decoding the slot with the request's settings.
 * `decode(params, state, spec)`: N decode steps for every decoding slot in one
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxllama import backend
 from jaxllama.engine.paged_cache import NO_PAGE, PagedKVCache
 from jaxllama.engine.spec import EngineSpec, EngineState, SlotRequest
 from jaxllama.errors import EngineSpecError
@@ -51,12 +54,26 @@ Array = jax.Array
 
 def _paged_attention(spec: EngineSpec, q, k_pages, v_pages, block_table, kv_lengths, q_offset,
                      sm_scale):
-    if spec.attention_impl == "xla":
-        return paged_attention_reference(q, k_pages, v_pages, block_table, kv_lengths, q_offset,
-                                         sm_scale=sm_scale,
+    args = (q, k_pages, v_pages, block_table, kv_lengths, q_offset)
+
+    def twin():
+        return paged_attention_reference(*args, sm_scale=sm_scale,
                                          sliding_window=spec.config.sliding_window)
-    return paged_attention(q, k_pages, v_pages, block_table, kv_lengths, q_offset,
-                           sm_scale=sm_scale, interpret=spec.attention_impl == "pallas_interpret")
+
+    if spec.attention_impl == "xla":
+        return twin()
+    interpret = spec.attention_impl == "pallas_interpret"
+    config = spec.config
+    # The compiled kernel is probed first (the interpreter lowers on every backend): one
+    # that does not compile here runs its twin, with one warning (the backend policy's
+    # fallback, as for the model's other kernels).
+    if not interpret and not backend.kernel_compiles(
+            "paged_attention", paged_attention, args, dict(sm_scale=sm_scale),
+            shape_class=(f"{q.dtype.name}, {config.num_heads} heads on {config.num_kv_heads} "
+                         f"kv heads of dim {config.head_dim}"),
+            twin="paged_attention_reference"):
+        return twin()
+    return paged_attention(*args, sm_scale=sm_scale, interpret=interpret)
 
 
 def paged_forward(params: Params, tokens: Array, cache: PagedKVCache, block_table: Array,
@@ -253,6 +270,36 @@ def prefill_chunk(params: Params, state: EngineState, slot: Array, tokens: Array
                                   else jnp.asarray(rope_end, jnp.int32)[None])
     state = state.replace(cache=cache, lengths=state.lengths.at[slot].set(start + num_valid))
     return state, logits[0]
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "window"), donate_argnames=("state",))
+def prefill_rows(params: Params, state: EngineState, tokens: Array, start: Array,
+                 num_valid: Array, spec: EngineSpec, window: int | None = None,
+                 rope_end: Array | None = None) -> tuple[EngineState, Array]:
+    """`prefill_chunk` for every slot at once: slot b runs tokens[b] (B, T), its first
+    num_valid[b] real, at positions [start[b], start[b] + num_valid[b]); a slot with
+    num_valid 0 is left as it is (nothing written, its length kept). The prompts of a
+    batch share the program's matmuls, as one (B * T)-row call, instead of B calls of T
+    rows. Returns the state and the float32 logits (B, V) at each slot's last real
+    token (undefined where num_valid is 0). T and `window` as `prefill_chunk`'s (a T
+    that is not a bucket or a window not in spec.windows is refused when traced);
+    `rope_end` (B,) as `prefill_chunk`'s, per slot."""
+    if (jnp.ndim(tokens) != 2 or jnp.shape(tokens)[0] != spec.num_slots
+            or jnp.shape(tokens)[1] not in spec.prefill_buckets):
+        raise EngineSpecError(
+            f"prefill_rows: tokens has shape {jnp.shape(tokens)}; expected (B, T) with B = "
+            f"EngineSpec.num_slots ({spec.num_slots}) and T one of "
+            f"EngineSpec.prefill_buckets {spec.prefill_buckets}"
+        )
+    table = _window_table(state.block_table, spec, window, "prefill_rows")
+    start = jnp.asarray(start, jnp.int32)
+    num_valid = jnp.asarray(num_valid, jnp.int32)
+    logits, cache = paged_forward(params, tokens.astype(jnp.int32), state.cache, table, start,
+                                  num_valid, spec=spec,
+                                  rope_end=None if rope_end is None
+                                  else jnp.asarray(rope_end, jnp.int32))
+    lengths = jnp.where(num_valid > 0, start + num_valid, state.lengths)
+    return state.replace(cache=cache, lengths=lengths), logits
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
@@ -453,5 +500,5 @@ def release(state: EngineState, slot: Array) -> EngineState:
 
 __all__ = [
     "EngineSpec", "EngineState", "SlotRequest", "decode", "insert", "paged_forward",
-    "TokenLogprobs", "prefill_chunk", "release", "sample_rows", "set_pages", "token_logprobs",
+    "TokenLogprobs", "prefill_chunk", "prefill_rows", "release", "sample_rows", "set_pages", "token_logprobs",
 ]

@@ -224,6 +224,13 @@ def _text_batch(prompt) -> tuple[list, bool]:
     raise InvalidRequestError("expected a prompt string, a conversation, or a non-empty list of them")
 
 
+def _engine_attention(policy: BackendPolicy) -> str:
+    """The engine's attention for the adapter's policy: the same name, except cuDNN
+    (which has no paged form: its generation runs XLA's paged attention; scoring keeps
+    cuDNN)."""
+    return "xla" if policy.attention == "cudnn" else policy.attention
+
+
 def _page_layout(spec: EngineSpec) -> np.ndarray:
     """The block table of a per-call engine state: slot b's page m is m * slots + b."""
     m = np.arange(spec.max_pages_per_slot, dtype=np.int32)[None, :]
@@ -550,7 +557,7 @@ class LlamaInferenceAdapter:
         buckets = tuple(b for b in PREFILL_BUCKETS if b <= max(pages * PAGE_SIZE, PREFILL_BUCKETS[0]))
         return EngineSpec(config=cfg, num_slots=slots, page_size=PAGE_SIZE,
                           num_pages=slots * pages, max_pages_per_slot=pages,
-                          prefill_buckets=buckets, attention_impl=self.policy.attention,
+                          prefill_buckets=buckets, attention_impl=_engine_attention(self.policy),
                           decode_steps=decode_steps,
                           max_stop_ids=max(4, len(self.eos_ids())),
                           matmul_impl=self.policy.matmul)
@@ -572,23 +579,38 @@ class LlamaInferenceAdapter:
         state = self._new_state(spec)
         # Only `decode` reads decode_steps: one prefill program serves every caller.
         spec = dataclasses.replace(spec, decode_steps=DECODE_STEPS)
+        # Every row's chunks in rounds, all rows in one call a round: row b's r-th chunk
+        # (the engine's chunking, `chunk_len`) at its position, or nothing once done.
+        starts = [0] * len(rows)
+        last = [None] * len(rows)  # the logits (B, V) of the round of each row's last chunk
+        while any(s < len(r) for s, r in zip(starts, rows)):
+            b_slots = spec.num_slots
+            chunk_lens = [spec.chunk_len(s, len(r)) if s < len(r) else 0
+                          for s, r in zip(starts, rows)]
+            shapes = [spec.prefill_shape(s, k) for s, k in zip(starts, chunk_lens) if k]
+            length = max(t for t, _ in shapes)
+            window = max(w for _, w in shapes)
+            tokens = np.zeros((b_slots, length), np.int32)
+            start = np.zeros((b_slots,), np.int32)
+            valid = np.zeros((b_slots,), np.int32)
+            rope_end = np.zeros((b_slots,), np.int32)
+            for b, (row, k) in enumerate(zip(rows, chunk_lens)):
+                tokens[b, :k] = row[starts[b]:starts[b] + k]
+                start[b], valid[b], rope_end[b] = starts[b], k, len(row) - 1
+            state, logits = self._run(steps.prefill_rows, model.params, state, tokens, start,
+                                      valid, spec, window, rope_end=rope_end)
+            for b, k in enumerate(chunk_lens):
+                if k:
+                    starts[b] += k
+                    if starts[b] == len(rows[b]):
+                        last[b] = logits
         first = []
         for b, row in enumerate(rows):
-            n, start = len(row), 0
-            while start < n:
-                k = spec.chunk_len(start, n)
-                length, window = spec.prefill_shape(start, k)
-                chunk = np.zeros((length,), np.int32)
-                chunk[:k] = row[start:start + k]
-                state, logits = self._run(
-                    steps.prefill_chunk, model.params, state, np.int32(b), chunk,
-                    np.int32(start), np.int32(k), spec, window, rope_end=np.int32(n - 1))
-                start += k
             request = SlotRequest.create(
                 spec, max_tokens=max_tokens, stop_ids=stop_ids, temperature=config.temperature,
                 top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
                 repetition_penalty=config.repetition_penalty, seed=config.seed, prompt_ids=row)
-            state, token, _ = self._run(steps.insert, state, np.int32(b), logits, request, spec)
+            state, token, _ = self._run(steps.insert, state, np.int32(b), last[b][b], request, spec)
             first.append(token)
         return [int(t) for t in _host(jnp.stack(first))], state
 
