@@ -224,6 +224,24 @@ def _text_batch(prompt) -> tuple[list, bool]:
     raise InvalidRequestError("expected a prompt string, a conversation, or a non-empty list of them")
 
 
+@functools.partial(jax.jit, donate_argnames=("engine",))
+def _feed(engine: EngineState, tokens, temperature, top_k, top_p, min_p,
+          repetition_penalty) -> EngineState:
+    """The state with the first len(tokens) slots' next input set to `tokens` and their
+    sampling settings to these (what `decode` takes from its caller)."""
+    rows = slice(0, tokens.shape[0])
+
+    def set_rows(value, new):
+        return value.at[rows].set(jnp.asarray(new, value.dtype))
+
+    return engine.replace(
+        last_token=set_rows(engine.last_token, tokens),
+        temperature=set_rows(engine.temperature, temperature),
+        top_k=set_rows(engine.top_k, top_k), top_p=set_rows(engine.top_p, top_p),
+        min_p=set_rows(engine.min_p, min_p),
+        repetition_penalty=set_rows(engine.repetition_penalty, repetition_penalty))
+
+
 def _engine_attention(policy: BackendPolicy) -> str:
     """The engine's attention for the adapter's policy: the same name, except cuDNN
     (which has no paged form: its generation runs XLA's paged attention; scoring keeps
@@ -667,20 +685,11 @@ class LlamaInferenceAdapter:
             )
         if cache_len >= state.spec.max_tokens_per_slot:
             state = self._grow(state)
-        spec, engine, n = state.spec, state.engine, state.rows
-
-        def per_row(field, value, dtype):
-            return getattr(engine, field).at[:n].set(jnp.asarray(value, dtype))
-
-        engine = engine.replace(
-            last_token=per_row("last_token", [r[0] for r in rows], jnp.int32),
-            temperature=per_row("temperature", config.temperature, jnp.float32),
-            top_k=per_row("top_k", config.top_k, jnp.int32),
-            top_p=per_row("top_p", config.top_p, jnp.float32),
-            min_p=per_row("min_p", config.min_p, jnp.float32),
-            repetition_penalty=per_row("repetition_penalty", config.repetition_penalty,
-                                       jnp.float32),
-        )
+        spec, n = state.spec, state.rows
+        engine = self._run(_feed, state.engine, np.asarray([r[0] for r in rows], np.int32),
+                           np.float32(config.temperature), np.int32(config.top_k),
+                           np.float32(config.top_p), np.float32(config.min_p),
+                           np.float32(config.repetition_penalty))
         engine, tokens, valid, _ = self._run(steps.decode, self._loaded().params, engine, spec,
                                              self._decode_window(spec, cache_len))
         tokens, valid = _host(tokens)[0, :n], _host(valid)[0, :n]
