@@ -199,7 +199,7 @@ def test_decode_splits_by_window_and_outputs_still_equal_generate(adapter, monke
     dispatches, groupings = [], []
     real_decode, real_groups = steps.decode, Engine._decode_groups
 
-    def decode(params, state, spec, window, rows):
+    def decode(params, state, spec, window=None, rows=None):
         dispatches.append(window)
         return real_decode(params, state, spec, window, rows)
 
@@ -208,13 +208,13 @@ def test_decode_splits_by_window_and_outputs_still_equal_generate(adapter, monke
         groupings.append([sorted(len(r.pages) for r in g) for g in out])
         return out
 
-    monkeypatch.setattr(steps, "decode", decode)
-    monkeypatch.setattr(Engine, "_decode_groups", groups)
     long_prompt = list(range(3, 43))  # 40 tokens: 10 pages of 4, window 16
     # The streams stay within 8 pages (32 tokens) and outlast the long prompt's prefill.
     requests = [([9, 10], 24, {}), ([5, 6, 7], 24, dict(temperature=0.9, seed=7)),
                 (long_prompt, 6, {})]
-    refs = [_reference(adapter, *r) for r in requests]
+    refs = [_reference(adapter, *r) for r in requests]  # before the spy: generate decodes too
+    monkeypatch.setattr(steps, "decode", decode)
+    monkeypatch.setattr(Engine, "_decode_groups", groups)
     assert all(len(r) == 24 for r in refs[:2]), "a stream ends early: pick other prompts"
     for weight_pages, split in ((0.0, True), (1e9, False)):
         dispatches.clear()
