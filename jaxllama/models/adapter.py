@@ -601,8 +601,8 @@ class LlamaInferenceAdapter:
         # (the engine's chunking, `chunk_len`) at its position, or nothing once done.
         starts = [0] * len(rows)
         last = [None] * len(rows)  # the logits (B, V) of the round of each row's last chunk
+        b_slots = spec.num_slots
         while any(s < len(r) for s, r in zip(starts, rows)):
-            b_slots = spec.num_slots
             chunk_lens = [spec.chunk_len(s, len(r)) if s < len(r) else 0
                           for s, r in zip(starts, rows)]
             shapes = [spec.prefill_shape(s, k) for s, k in zip(starts, chunk_lens) if k]
@@ -733,33 +733,28 @@ class LlamaInferenceAdapter:
 
     def _steps(self, rows, max_tokens: int, config, decode_steps: int) -> Iterator[tuple[int, int]]:
         """(row, token) for every token generated, in order, until each row has
-        max_tokens or has emitted an EOS (which it keeps)."""
+        max_tokens or has emitted an EOS (which it keeps): the slots' own stop rule,
+        read back from the state after each dispatch."""
         longest = max(len(r) for r in rows)
         self._check_room(longest, max_tokens)
         spec = self._spec(len(rows), longest + max_tokens, decode_steps)
         first, engine = self._start(rows, config, spec, max_tokens=max_tokens,
                                     stop_ids=self.eos_ids())
-        eos = set(self.eos_ids())
-        counts = [1] * len(rows)
         for b, token in enumerate(first):
             yield b, token
-        running = {b for b, t in enumerate(first) if t not in eos and max_tokens > 1}
-        params = self._loaded().params
-        while running:
-            cache_len = max(len(rows[b]) + counts[b] - 1 for b in running)
+        n, params = len(rows), self._loaded().params
+        finished, lengths = _host(engine.finished)[:n], _host(engine.lengths)[:n]
+        while not finished.all():
             engine, tokens, valid, _ = self._run(steps.decode, params, engine, spec,
-                                                 self._decode_window(spec, cache_len))
+                                                 self._decode_window(spec, int(lengths[~finished].max())))
             tokens, valid = _host(tokens), _host(valid)
+            finished, lengths = _host(engine.finished)[:n], _host(engine.lengths)[:n]
             if not valid.any():  # every running row has its pages: cannot happen
                 raise ForwardPassFailed("a decode dispatch advanced no row")
             for step in range(tokens.shape[0]):
-                for b in sorted(running):
+                for b in range(n):
                     if valid[step, b]:
-                        token = int(tokens[step, b])
-                        counts[b] += 1
-                        yield b, token
-                        if token in eos or counts[b] >= max_tokens:
-                            running.discard(b)
+                        yield b, int(tokens[step, b])
 
     # ----- streaming
     def stream(self, input_ids, max_tokens: int, config: AdapterForwardConfig | None = None) -> Iterator[int]:
